@@ -1,0 +1,386 @@
+"""Configuration: nested dataclasses, named presets and dotted overrides.
+
+Every knob of the system lives here, with its default and where the default comes from.
+Only the `build_*` functions of each component read a `Config`; modules themselves take
+plain keyword arguments. The resolved config is stored inside every checkpoint
+(`dataclasses.asdict(cfg)`), so a checkpoint always says how it was made.
+
+Defaults are the official FreeSeg COCO R101c all-task settings (bytedance/FreeSeg,
+`configs/coco-stuff-164k-156/*.yaml` and the Mask2Former base config it inherits);
+`PRESETS` holds the other settings of the paper and the tiny `toy` world.
+
+Overrides use dotted keys and are type-checked:
+
+    cfg = get_preset("coco")
+    apply_overrides(cfg, ["model.decoder.num_queries=50", "train.lr=1e-4"])
+
+Differences from the official code: no YAML and no registries; the paper's two stages are
+two presets of one config rather than two config files per stage.
+"""
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ClipConfig:
+    # An OpenAI model name ("ViT-B/16"), a path to a checkpoint, or "" for the toy world's own
+    # tiny CLIP (found in the run directory). FreeSeg uses ViT-B/16 (paper, section 4.1).
+    name: str = "ViT-B/16"
+    context_length: int = 77  # OpenAI CLIP's text context
+    # Shape of a CLIP trained from scratch (`train.py --stage clip`, the toy world only).
+    embed_dim: int = 128
+    image_resolution: int = 64
+    vision_layers: tuple[int, ...] = (1, 1, 1, 1)  # modified-ResNet blocks per stage
+    vision_width: int = 16
+    text_width: int = 128
+    text_heads: int = 4
+    text_layers: int = 4
+    bpe_merges: int = 300  # merges learned from the toy captions (OpenAI's vocabulary has 48,894)
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = 101  # ResNet-18/34/50/101
+    stem: str = "deeplab"  # "deeplab": three 3x3 convs (R101c); "basic": one 7x7 conv (torchvision)
+    width: int = 64  # channels of the stem / res2 bottleneck; 64 is the standard ResNet
+    res5_dilation: int = 1
+    res5_multi_grid: tuple[int, ...] = (1, 2, 4)  # DeepLab multi-grid dilations inside res5
+    stride_in_1x1: bool = False  # detectron2 MSRA weights put the stride in the 1x1 conv
+    freeze_at: int = 0  # 0: train everything; 1: freeze the stem; 2: stem + res2, ...
+    weights: str = ""  # torchvision or detectron2 (R-103.pkl) ImageNet weights; "" = random
+
+
+@dataclass
+class PixelDecoderConfig:
+    conv_dim: int = 256
+    mask_dim: int = 256
+    num_encoder_layers: int = 6
+    num_heads: int = 8
+    num_points: int = 4  # sampling points per head and level
+    ffn_dim: int = 1024
+    dropout: float = 0.0
+    num_groups: int = 32  # GroupNorm groups in the FPN convs
+
+
+@dataclass
+class DecoderConfig:
+    hidden_dim: int = 256
+    num_queries: int = 100
+    # The official checkpoint holds 10 decoder layers (transformer_*_layers.0-9 in
+    # shared/data/official_freeseg_r101c_keys.tsv), cycling over the three scales.
+    num_layers: int = 10
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.0
+    pre_norm: bool = False
+    mask_mlp_layers: int = 3
+    class_mlp_hidden: int = 1024  # class_embed: 256 -> 1024 -> text dim (official keys)
+
+
+@dataclass
+class InteractionConfig:
+    enabled: bool = True
+    attn_dim: int = 2048  # q/k/v projection width (official keys: interaction.attn.q_proj 2048)
+    num_heads: int = 8
+    layer_scale_init: float = 0.1  # gamma, initialised small so training starts near identity
+
+
+@dataclass
+class PromptConfig:
+    class_ctx: int = 16  # learnable class-context vectors (official prefix_prompt: 16 x 512)
+    task_ctx: int = 8  # learnable task vectors (official task_prompt: 8 x 512)
+    init_std: float = 0.02
+    tasks: tuple[str, ...] = ("semantic", "instance", "panoptic")
+    # Hand-written templates used when prompts are not learned (baselines, --set model.prompt.learned=false).
+    learned: bool = True
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pixel_decoder: PixelDecoderConfig = field(default_factory=PixelDecoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    interaction: InteractionConfig = field(default_factory=InteractionConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    # detectron2's ImageNet statistics in 0-255 RGB, used to normalise the backbone input.
+    pixel_mean: tuple[float, ...] = (123.675, 116.280, 103.530)
+    pixel_std: tuple[float, ...] = (58.395, 57.120, 57.375)
+    logit_scale: float = 100.0  # cosine similarity x 100, as CLIP's learned scale at convergence
+
+
+@dataclass
+class LossConfig:
+    no_object_weight: float = 0.1  # cross-entropy weight of the "no object" class
+    class_weight: float = 1.0
+    focal_weight: float = 20.0
+    dice_weight: float = 5.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    deep_supervision: bool = True
+    # Hungarian matching costs (official MATCHER settings equal the loss weights).
+    cost_class: float = 1.0
+    cost_focal: float = 20.0
+    cost_dice: float = 5.0
+
+
+@dataclass
+class TTPTConfig:
+    """Test-time prompt tuning (paper section 3.4); not in the official release."""
+
+    enabled: bool = False
+    steps: int = 1
+    lr: float = 5e-4
+    entropy_threshold: float = 0.5  # fraction of log(K_unseen): queries below it are kept
+
+
+@dataclass
+class InferenceConfig:
+    tasks: tuple[str, ...] = ("semantic", "instance", "panoptic")
+    mask_threshold: float = 0.5  # binarise a mask before cropping it for CLIP
+    mask_expand_ratio: float = 1.0  # grow the crop box around the mask (official: 1.0)
+    clip_chunk: int = 32  # crops per CLIP forward pass
+    # Geometric ensemble of mask classifier and CLIP (paper eq. 6, official ENSEMBLE_WEIGHT 0.8):
+    # seen classes  p = p_mask^(1-w_seen)  * p_clip^w_seen,
+    # unseen classes p = p_mask^(1-w_unseen) * p_clip^w_unseen.
+    clip_weight_seen: float = 0.2
+    clip_weight_unseen: float = 0.8
+    use_clip: bool = True
+    object_mask_threshold: float = 0.8  # panoptic: drop queries less confident than this
+    overlap_threshold: float = 0.8  # panoptic: drop a mask mostly hidden by better ones
+    instance_topk: int = 100
+    ttpt: TTPTConfig = field(default_factory=TTPTConfig)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "coco"  # coco | voc | ade | toy
+    root: str = ""  # "" = $FREESEG_DATASETS, else ./datasets
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 640  # training crop
+    min_scale: float = 0.1  # large-scale jitter range
+    max_scale: float = 2.0
+    augmentation: str = "lsj"  # "lsj" (COCO all-task) or "semantic" (resize + crop + flip + color)
+    test_short_side: int = 640
+    num_workers: int = 4
+    prompt_samples_per_class: int = 1000  # cap of segments per class in the prompt-stage index
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "alltask"  # clip (toy only) | prompt | alltask
+    seed: int = 0
+    batch_size: int = 32  # global batch, split over ranks
+    iterations: int = 60000
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1.5e-4
+    weight_decay: float = 1.5e-4
+    momentum: float = 0.9
+    backbone_lr_mult: float = 0.1
+    schedule: str = "poly"  # poly | cosine
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    warmup_factor: float = 1.0
+    clip_grad_norm: float = 0.01  # full-model L2 clipping (official CLIP_VALUE 0.01)
+    amp: bool = True  # mixed precision, GPU only
+    log_every: int = 20
+    eval_every: int = 5000
+    checkpoint_every: int = 5000
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _coco() -> Config:
+    """COCO all-task stage, R101c backbone (official coco-stuff-164k-156 config)."""
+    return Config()
+
+
+def _coco_prompt() -> Config:
+    """COCO prompt stage: SGD lr 0.02, wd 0.001, cosine with 100 warm-up iterations at 0.005."""
+    cfg = Config()
+    cfg.train = TrainConfig(
+        stage="prompt", optimizer="sgd", lr=0.02, weight_decay=0.001, schedule="cosine",
+        warmup_iters=100, warmup_factor=0.005, iterations=16000, batch_size=32, clip_grad_norm=0.0,
+    )
+    return cfg
+
+
+def _voc() -> Config:
+    """Pascal VOC 2012 (15 seen / 5 unseen): lr 2e-5, 20k iterations, 512 crops."""
+    cfg = Config()
+    cfg.data = DataConfig(dataset="voc", image_size=512, augmentation="semantic", test_short_side=512)
+    cfg.train.lr = 2e-5
+    cfg.train.iterations = 20000
+    cfg.inference.tasks = ("semantic",)
+    return cfg
+
+
+def _ade() -> Config:
+    """ADE20K-150 (135 seen / 15 unseen), 640 crops, semantic augmentation."""
+    cfg = Config()
+    cfg.data = DataConfig(dataset="ade", image_size=640, augmentation="semantic")
+    cfg.inference.tasks = ("semantic",)
+    return cfg
+
+
+def _toy() -> Config:
+    """The miniature world: the same modules at tiny widths, sized to train on a laptop CPU."""
+    cfg = Config()
+    cfg.model.backbone = BackboneConfig(depth=18, stem="basic", width=16, res5_multi_grid=(1, 1, 1))
+    cfg.model.pixel_decoder = PixelDecoderConfig(
+        conv_dim=64, mask_dim=64, num_encoder_layers=1, num_heads=4, num_points=4, ffn_dim=128, num_groups=8
+    )
+    cfg.model.decoder = DecoderConfig(
+        hidden_dim=64, num_queries=20, num_layers=3, num_heads=4, ffn_dim=128, class_mlp_hidden=128
+    )
+    cfg.model.interaction = InteractionConfig(attn_dim=128, num_heads=4)
+    cfg.model.prompt = PromptConfig(class_ctx=4, task_ctx=2)
+    cfg.model.clip = ClipConfig(name="")
+    cfg.loss = LossConfig()
+    # The toy CLIP sees 64x64 crops; boxes grown 1.5x classify far better (shared/DESIGN.md, sec. 4).
+    cfg.inference = InferenceConfig(mask_expand_ratio=1.5, clip_chunk=64, instance_topk=20)
+    cfg.data = DataConfig(
+        dataset="toy", image_size=96, min_scale=0.5, max_scale=1.5, test_short_side=96, num_workers=0,
+        prompt_samples_per_class=200,
+    )
+    cfg.train = TrainConfig(
+        batch_size=8, iterations=1500, lr=1e-3, weight_decay=0.05, backbone_lr_mult=1.0,
+        clip_grad_norm=1.0, amp=False, log_every=50, eval_every=0, checkpoint_every=500,
+    )
+    return cfg
+
+
+def _toy_prompt() -> Config:
+    cfg = _toy()
+    cfg.train = TrainConfig(
+        stage="prompt", optimizer="sgd", lr=0.02, weight_decay=0.001, schedule="cosine",
+        warmup_iters=10, warmup_factor=0.005, iterations=200, batch_size=64, clip_grad_norm=0.0,
+        amp=False, log_every=20, eval_every=0, checkpoint_every=100,
+    )
+    return cfg
+
+
+def _toy_clip() -> Config:
+    """Contrastive pre-training of the toy world's tiny CLIP (shared/DESIGN.md, section 4)."""
+    cfg = _toy()
+    cfg.train = TrainConfig(
+        stage="clip", optimizer="adamw", lr=3e-3, weight_decay=0.05, schedule="cosine",
+        warmup_iters=30, warmup_factor=0.01, iterations=450, batch_size=128, clip_grad_norm=0.0,
+        amp=False, log_every=50, eval_every=0, checkpoint_every=150,
+    )
+    return cfg
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {
+    "coco": _coco,
+    "coco_prompt": _coco_prompt,
+    "voc": _voc,
+    "ade": _ade,
+    "toy": _toy,
+    "toy_prompt": _toy_prompt,
+    "toy_clip": _toy_clip,
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+def preset_for(dataset: str, stage: str) -> str:
+    """The preset `train.py --dataset D --stage S` starts from."""
+    if stage == "alltask":
+        return dataset
+    name = f"{dataset}_{stage}"
+    if name not in PRESETS:
+        raise KeyError(f"no preset for dataset {dataset!r} and stage {stage!r}")
+    return name
+
+
+# --------------------------------------------------------------------------- overrides
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_value(text: str, kind: typing.Any, key: str) -> typing.Any:
+    """Convert `text` to the type `kind` of field `key`, or raise a ValueError naming the key."""
+    origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError(f"expected true/false, got {text!r}")
+        if kind in (int, float, str):
+            return kind(text)
+        if origin is tuple:
+            (item, _ellipsis) = typing.get_args(kind)
+            parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+            return tuple(_parse_value(p.strip(), item, key) for p in parts)
+    except ValueError as err:
+        raise ValueError(f"bad value for {key}: {err}") from None
+    raise TypeError(f"field {key} has a type ({kind}) that cannot be set from the command line")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `key=value` strings in place (and return `cfg`); unknown keys raise a KeyError."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        *path, name = key.strip().split(".")
+        node = cfg
+        for part in path:
+            if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+                raise KeyError(f"unknown config key {key!r} (no section {part!r})")
+            node = getattr(node, part)
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if name not in fields:
+            raise KeyError(f"unknown config key {key!r}; {'.'.join(path) or 'config'} has: {', '.join(fields)}")
+        hints = typing.get_type_hints(type(node))
+        if dataclasses.is_dataclass(hints[name]):
+            raise KeyError(f"{key!r} is a section; set one of its fields instead")
+        setattr(node, name, _parse_value(text, hints[name], key))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, cls: type = Config) -> typing.Any:
+    """Rebuild a config saved with `to_dict` (for example from a checkpoint)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue  # a field added after the checkpoint was written keeps its default
+        value, kind = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            value = from_dict(value, kind)
+        elif typing.get_origin(kind) is tuple:
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def clone(cfg: Config) -> Config:
+    return copy.deepcopy(cfg)
