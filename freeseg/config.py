@@ -149,8 +149,11 @@ class InferenceConfig:
     clip_weight_seen: float = 0.2
     clip_weight_unseen: float = 0.8
     use_clip: bool = True
-    object_mask_threshold: float = 0.8  # panoptic: drop queries less confident than this
-    overlap_threshold: float = 0.8  # panoptic: drop a mask mostly hidden by better ones
+    # Panoptic: drop queries less confident than this, and masks mostly hidden by better ones.
+    # 0.5/0.5 are the official all-task settings (coco-stuff-164k-171 R101c yaml, TEST.*);
+    # Mask2Former's own panoptic default is 0.8/0.8.
+    object_mask_threshold: float = 0.5
+    overlap_threshold: float = 0.5
     instance_topk: int = 100
     ttpt: TTPTConfig = field(default_factory=TTPTConfig)
 
