@@ -167,7 +167,11 @@ class DataConfig:
     image_size: int = 640  # training crop
     min_scale: float = 0.1  # large-scale jitter range
     max_scale: float = 2.0
-    augmentation: str = "lsj"  # "lsj" (COCO all-task) or "semantic" (resize + crop + flip + color)
+    # "lsj": large-scale jitter + 640 crop, as the official COCO all-task config states;
+    # "semantic": short side in [min_scale, max_scale] x crop, crop, color jitter, flip. The
+    # official COCO mapper (`coco_full_lsj`) builds the LSJ list but hands the semantic one to
+    # detectron2, so the released models actually trained with "semantic" at 0.5-1.5.
+    augmentation: str = "lsj"
     test_short_side: int = 640
     num_workers: int = 4
     prompt_samples_per_class: int = 1000  # cap of segments per class in the prompt-stage index
@@ -225,7 +229,9 @@ def _coco_prompt() -> Config:
 def _voc() -> Config:
     """Pascal VOC 2012 (15 seen / 5 unseen): lr 2e-5, 20k iterations, 512 crops."""
     cfg = Config()
-    cfg.data = DataConfig(dataset="voc", image_size=512, augmentation="semantic", test_short_side=512)
+    # Short sides 256..1024 for a 512 crop (official ADE recipe; VOC borrows it).
+    cfg.data = DataConfig(dataset="voc", image_size=512, augmentation="semantic", test_short_side=512,
+                          min_scale=0.5, max_scale=2.0)
     cfg.train.lr = 2e-5
     cfg.train.iterations = 20000
     cfg.inference.tasks = ("semantic",)
@@ -235,7 +241,7 @@ def _voc() -> Config:
 def _ade() -> Config:
     """ADE20K-150 (135 seen / 15 unseen), 640 crops, semantic augmentation."""
     cfg = Config()
-    cfg.data = DataConfig(dataset="ade", image_size=640, augmentation="semantic")
+    cfg.data = DataConfig(dataset="ade", image_size=640, augmentation="semantic", min_scale=0.5, max_scale=2.0)
     cfg.inference.tasks = ("semantic",)
     return cfg
 
