@@ -50,6 +50,9 @@ class BackboneConfig:
     res5_multi_grid: tuple[int, ...] = (1, 2, 4)  # DeepLab multi-grid dilations inside res5
     stride_in_1x1: bool = False  # detectron2 MSRA weights put the stride in the 1x1 conv
     freeze_at: int = 0  # 0: train everything; 1: freeze the stem; 2: stem + res2, ...
+    # "frozen_bn" for ImageNet-pretrained backbones (every official config); "gn" or "bn" to
+    # train from scratch (the toy world uses "gn": it does not depend on the batch split).
+    norm: str = "frozen_bn"
     weights: str = ""  # torchvision or detectron2 (R-103.pkl) ImageNet weights; "" = random
 
 
@@ -61,7 +64,9 @@ class PixelDecoderConfig:
     num_heads: int = 8
     num_points: int = 4  # sampling points per head and level
     ffn_dim: int = 1024
-    dropout: float = 0.0
+    # MASK_FORMER.DROPOUT 0.1 reaches the deformable encoder in the official code (the decoder
+    # layers hard-code 0.0).
+    dropout: float = 0.1
     num_groups: int = 32  # GroupNorm groups in the FPN convs
 
 
@@ -249,9 +254,10 @@ def _ade() -> Config:
 def _toy() -> Config:
     """The miniature world: the same modules at tiny widths, sized to train on a laptop CPU."""
     cfg = Config()
-    cfg.model.backbone = BackboneConfig(depth=18, stem="basic", width=16, res5_multi_grid=(1, 1, 1))
+    cfg.model.backbone = BackboneConfig(depth=18, stem="basic", width=16, res5_multi_grid=(1, 1, 1), norm="gn")
     cfg.model.pixel_decoder = PixelDecoderConfig(
-        conv_dim=64, mask_dim=64, num_encoder_layers=1, num_heads=4, num_points=4, ffn_dim=128, num_groups=8
+        conv_dim=64, mask_dim=64, num_encoder_layers=1, num_heads=4, num_points=4, ffn_dim=128, num_groups=8,
+        dropout=0.0,
     )
     cfg.model.decoder = DecoderConfig(
         hidden_dim=64, num_queries=20, num_layers=3, num_heads=4, ffn_dim=128, class_mlp_hidden=128
