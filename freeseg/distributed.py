@@ -1,0 +1,134 @@
+"""Distributed helpers: torchrun initialisation, rank queries, reductions, atomic file writes.
+
+Everything here degrades to a no-op in a plain `python train.py` run, so the training and
+evaluation loops call these helpers unconditionally and read the same on CPU, one GPU and
+`torchrun --nproc_per_node=N` (shared/STYLE.md item 12; the pattern of torchvision's
+`references/segmentation/utils.py`).
+
+Differences from the official FreeSeg code: detectron2's `comm` module and launcher are replaced
+by torchrun's environment variables; `print` is never monkey-patched (use `print0`).
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group (world size may still be 1)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def init_distributed(device: str | None = None) -> tuple[int, int, int, torch.device]:
+    """Join the process group described by torchrun's RANK / WORLD_SIZE / LOCAL_RANK variables.
+
+    `device` forces "cpu" (gloo) or "cuda" (nccl); by default CUDA is used when available.
+    Without torchrun's variables this is a single process: nothing is initialised.
+    Returns (rank, world_size, local_rank, device).
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"init_distributed(device={device!r}): CUDA is not available")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0, torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if use_cuda:
+        # One GPU per process; set before init so NCCL and all_gather_object use the right one.
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    # init_method "env://" reads MASTER_ADDR / MASTER_PORT, which torchrun sets.
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, local_rank, dev
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """`print` on rank 0 only (flushed, so torchrun's interleaved logs stay readable)."""
+    if is_main():
+        print(*args, flush=True, **kwargs)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks in place and return it (no-op in a single process).
+
+    NCCL only reduces CUDA tensors, so CPU accumulators (confusion matrices, PQ counts) take a
+    round trip through the current GPU.
+    """
+    if get_world_size() == 1:
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        buffer = tensor.cuda()
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        tensor.copy_(buffer.cpu())
+    else:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """List of `obj` from every rank, in rank order (`[obj]` in a single process)."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
+    """Write through `write(file)` into a temporary file beside `path`, then rename it.
+
+    `os.replace` within one directory is atomic on POSIX, so readers (and a job killed
+    mid-write) see either the old file or the complete new one, never a truncated checkpoint.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # data on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj, path)` that never leaves a partial file. Call it on rank 0 only."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write `obj` as indented JSON, atomically (strict JSON: NaN is rejected, use None)."""
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, allow_nan=False) + "\n"), "w")
