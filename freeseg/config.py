@@ -36,7 +36,7 @@ class ClipConfig:
     vision_layers: tuple[int, ...] = (1, 1, 1, 1)  # modified-ResNet blocks per stage
     vision_width: int = 16
     text_width: int = 128
-    text_heads: int = 4
+    text_heads: int = 2  # OpenAI fixes heads = width / 64, which build_model relies on
     text_layers: int = 4
     bpe_merges: int = 300  # merges learned from the toy captions (OpenAI's vocabulary has 48,894)
 
