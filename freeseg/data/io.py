@@ -58,8 +58,10 @@ def save_png_atomic(array: np.ndarray, path: str) -> None:
 
 
 def save_json_atomic(obj: Any, path: str) -> None:
+    # json.dumps uses the C encoder; json.dump to a file falls back to the slow Python one.
+    text = json.dumps(obj)
     with atomic_write(path, "w") as f:
-        json.dump(obj, f)
+        f.write(text)
 
 
 def load_json(path: str, what: str = "JSON file") -> Any:

@@ -1,0 +1,169 @@
+"""Dataset readers over the prepared layout (what `prepare_data.py` writes).
+
+- `SegmentationDataset`: one sample dict per image with the targets of all three tasks
+  (paper section 3.1: one model, one image, semantic + instance + panoptic targets):
+  `{"image": uint8 (3, H, W), "sem_seg": int64 (H, W) 255 = ignore, "masks": bool (N, H, W),
+  "labels": int64 (N,), "isthing": bool (N,), "image_id", "file_name", "orig_size": (h, w)}`.
+  With `base=True` (zero-shot training) unseen classes are ignore in `sem_seg` and have no
+  segment. Crowd segments get no mask; their pixels keep their class in `sem_seg`, as in
+  detectron2's panoptic mapper. Datasets without panoptic PNGs (VOC, ADE) get one segment per
+  class present in the semantic map, with isthing False.
+- `SegmentCropDataset`: the prompt stage's data (paper section 3.2): one ground-truth segment
+  cut out of its image with `crop_masked_regions` (pixels outside the mask = CLIP's mean colour)
+  -> (crop float (3, R, R) 0-255, contiguous class id).
+- `collate_samples`, `stack_images`, `build_loader`: batching; samples stay a list because
+  images of a batch may differ in size.
+
+Differences from the official code: no detectron2 dataset registry or mapper classes; every
+path comes from the prepared records, and a missing file raises a DataError naming it.
+"""
+
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from freeseg.data.io import DataError, load_json, read_image
+
+IGNORE = 255
+
+
+def load_meta(prepared_dir: str) -> dict:
+    """`{"dataset", "categories"}` of a prepared dataset (see freeseg/data/categories.py)."""
+    return load_json(os.path.join(prepared_dir, "meta.json"), "prepared dataset meta (run prepare_data.py)")
+
+
+def _data_root(prepared_dir: str) -> str:
+    """Record paths are relative to the data root, two levels above `<root>/freeseg/<dataset>`."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(prepared_dir)))
+
+
+def _panoptic_ids(path: str) -> np.ndarray:
+    rgb = read_image(path, "RGB").astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]  # COCO panoptic id encoding
+
+
+class SegmentationDataset(Dataset):
+    """Images of one split of a prepared dataset with semantic, instance and panoptic targets."""
+
+    def __init__(self, prepared_dir: str, split: str, base: bool = False, transform=None) -> None:
+        self.prepared_dir = prepared_dir
+        self.root = _data_root(prepared_dir)
+        self.split, self.base, self.transform = split, base, transform
+        self.categories = load_meta(prepared_dir)["categories"]
+        self.seen = np.array([c["seen"] for c in self.categories] + [False] * (256 - len(self.categories)))
+        self.records = load_json(os.path.join(prepared_dir, f"{split}.json"), f"prepared {split} split")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _path(self, rel: str, what: str) -> str:
+        path = os.path.join(self.root, rel)
+        if not os.path.isfile(path):
+            raise DataError(f"missing {what}: {path} (re-run prepare_data.py)")
+        return path
+
+    def _sem_seg(self, record: dict) -> np.ndarray:
+        if not self.base:
+            return read_image(self._path(record["sem_seg_file"], "semantic map"))
+        name = os.path.basename(record["sem_seg_file"])
+        rel = os.path.join(os.path.relpath(self.prepared_dir, self.root), "sem_seg", f"{self.split}_base", name)
+        return read_image(self._path(rel, f"base-split semantic map (split {self.split!r})"))
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        image = read_image(self._path(record["file_name"], "image"), "RGB")  # (H, W, 3)
+        sem = self._sem_seg(record)  # (H, W) uint8
+        if record.get("panoptic_file"):
+            pan = _panoptic_ids(self._path(record["panoptic_file"], "panoptic PNG"))
+            segs = [s for s in record["segments"]
+                    if not s["iscrowd"] and (not self.base or self.seen[s["category_id"]])]
+            masks = [pan == s["id"] for s in segs]
+            labels = [s["category_id"] for s in segs]
+            isthing = [bool(s["isthing"]) for s in segs]
+        else:
+            labels = [int(c) for c in np.unique(sem) if c != IGNORE]
+            masks = [sem == c for c in labels]
+            isthing = [False] * len(labels)
+        h, w = sem.shape
+        sample = {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),  # (3, H, W)
+            "sem_seg": torch.from_numpy(sem.astype(np.int64)),  # (H, W)
+            "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.bool),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "isthing": torch.tensor(isthing, dtype=torch.bool),
+            "image_id": record["image_id"],
+            "file_name": record["file_name"],
+            "orig_size": (h, w),
+        }
+        return self.transform(sample) if self.transform is not None else sample
+
+
+class SegmentCropDataset(Dataset):
+    """Masked crops of the ground-truth segments listed in `segments_<split>.json`.
+
+    Each item is (crop float (3, size, size) 0-255, contiguous class id); the prompt stage
+    classifies it against the text features of the seen classes.
+    """
+
+    def __init__(self, prepared_dir: str, split: str = "train", size: int = 224, expand_ratio: float = 1.0) -> None:
+        from freeseg.clip import CLIP_MEAN
+
+        self.root = _data_root(prepared_dir)
+        self.size, self.expand_ratio = size, expand_ratio
+        self.fill = tuple(255.0 * m for m in CLIP_MEAN)  # masked-out pixels = CLIP's mean colour
+        self.index = load_json(os.path.join(prepared_dir, f"segments_{split}.json"), "prompt-stage segment index")
+        records = load_json(os.path.join(prepared_dir, f"{split}.json"), f"prepared {split} split")
+        self.records = {r["image_id"]: r for r in records}
+        self.categories = load_meta(prepared_dir)["categories"]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from freeseg.modeling.region_classifier import crop_masked_regions
+
+        entry = self.index[index]
+        record = self.records[entry["image_id"]]
+        image = read_image(os.path.join(self.root, record["file_name"]), "RGB")
+        if record.get("panoptic_file"):
+            mask = _panoptic_ids(os.path.join(self.root, record["panoptic_file"])) == entry["segment_id"]
+        else:  # semantic-only datasets: the segment is the whole class region
+            mask = read_image(os.path.join(self.root, record["sem_seg_file"])) == entry["category_id"]
+        if not mask.any():
+            raise DataError(f"segment {entry['segment_id']} of image {record['file_name']} is empty in the "
+                            f"prepared annotation (stale segments index? re-run prepare_data.py --force)")
+        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()  # (3, H, W)
+        crop = crop_masked_regions(image_t, torch.from_numpy(mask)[None], self.size, self.expand_ratio, self.fill)
+        return crop[0], int(entry["category_id"])  # (3, size, size)
+
+
+def collate_samples(batch: list[dict]) -> list[dict]:
+    """Keep a batch of sample dicts as a list (targets differ in N and images may differ in size)."""
+    return list(batch)
+
+
+def stack_images(samples: list[dict]) -> torch.Tensor:
+    """(B, 3, H, W) uint8 from samples of equal image size (after a fixed-size crop/pad)."""
+    sizes = {tuple(s["image"].shape) for s in samples}
+    if len(sizes) != 1:
+        raise ValueError(f"stack_images: images of different sizes {sorted(sizes)}; pad or crop them first")
+    return torch.stack([s["image"] for s in samples])
+
+
+def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
+                 drop_last: bool = False) -> DataLoader:
+    """A DataLoader over `dataset`, sharded with a DistributedSampler when torch.distributed runs.
+
+    Sample dicts are batched with `collate_samples`; (crop, label) pairs with the default collate.
+    """
+    sampler = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        shuffle = False
+    collate = collate_samples if isinstance(dataset, SegmentationDataset) else None
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, drop_last=drop_last, generator=generator,
+                      persistent_workers=num_workers > 0)

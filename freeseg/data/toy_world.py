@@ -1,0 +1,345 @@
+"""The miniature world: coloured shapes on textured backgrounds (shared/DESIGN.md, section 4).
+
+A stand-in for COCO in which the whole FreeSeg recipe runs on a CPU in minutes. Scenes have
+1-3 "stuff" regions (sky, grass, sand, water, wall: five textures split by wavy boundaries) and
+1-5 "things" (6 colours x 5 shapes = 30 classes such as "red circle" or "blue star") of random
+size, position and rotation, with repeated classes, overlaps and occlusion.
+
+Written in the COCO raw layout under `<root>/toy/` (`train2017/`, `val2017/`,
+`annotations/{panoptic,instances}_{train,val}2017.json`, `panoptic_{train,val}2017/`,
+`stuffthingmaps/{train,val}2017/`), so `prepare_data.py --dataset toy` converts it with the very
+code that converts COCO. Images are PNG, not JPEG as in COCO: JPEG artefacts at 96x96 smear the
+edges a tiny model has to learn (the converter reads the file name from the JSON, so it does not
+care).
+
+Seen/unseen split (paper section 4.1 holds out 15 of 171 COCO-Stuff classes; we hold out 7 of
+35): one thing per colour, chosen so every colour and every shape still appears in seen classes
+(the CLIP tower knows every word; segmentation training never sees these combinations), plus
+one stuff texture:
+    unseen = red star, orange cross, yellow circle, green square, blue triangle, purple star, water
+
+Also the tiny CLIP's pre-training data: `sample_clip_batch` (image-caption pairs over ALL classes,
+as CLIP saw the web) and `zero_shot_eval_set` (single-class crops for zero-shot accuracy).
+Everything is deterministic given the seed (numpy Generator seeded per image).
+"""
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+# Saturated hues far apart, so colour is easy and shape is the real task (DESIGN.md section 4).
+COLORS = {
+    "red": (215, 35, 35), "orange": (245, 140, 20), "yellow": (240, 220, 40),
+    "green": (35, 165, 55), "blue": (35, 75, 215), "purple": (145, 45, 185),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+STUFF = ("sky", "grass", "sand", "water", "wall")
+UNSEEN = ("red star", "orange cross", "yellow circle", "green square", "blue triangle", "purple star", "water")
+THING_NAMES = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
+NAMES = THING_NAMES + STUFF
+# CLIP's pixel mean (0-255): the fill of masked-out pixels in region crops (paper section 3.3).
+CLIP_MEAN_255 = (122.77, 116.75, 104.09)
+THING_TEMPLATES = ("a photo of {}.", "{}.", "a picture of {}.", "a drawing of {}.")  # {} = "a red circle"
+STUFF_TEMPLATES = ("a photo of {}.", "{}.", "a picture of {}.", "a texture of {}.")
+
+
+def toy_categories() -> list[dict]:
+    """35 classes: 30 things (colour-major) then 5 stuff; raw_id = COCO-style id - 1."""
+    return [
+        {"id": i, "raw_id": i, "name": n, "isthing": i < len(THING_NAMES), "seen": n not in UNSEEN}
+        for i, n in enumerate(NAMES)
+    ]
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    """Vertices of `shape` with circumradius r around (cx, cy), rotated by `angle` radians."""
+    if shape == "square":
+        rad, theta = np.full(4, r * 0.8), np.pi / 4 + np.arange(4) * np.pi / 2
+    elif shape == "triangle":
+        rad, theta = np.full(3, r), -np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+    elif shape == "star":  # 5 outer points, inner radius 0.42 r: clearly spiky at 12 px
+        rad, theta = np.tile([r, 0.42 * r], 5), -np.pi / 2 + np.arange(10) * np.pi / 5
+    elif shape == "cross":  # a plus sign with arms 0.32 r wide
+        w = 0.32 * r
+        pts = np.array([(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
+                        (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)])
+        rad, theta = np.hypot(pts[:, 0], pts[:, 1]), np.arctan2(pts[:, 1], pts[:, 0])
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    theta = theta + angle
+    return list(zip(cx + rad * np.cos(theta), cy + rad * np.sin(theta)))
+
+
+def shape_mask(shape: str, cx: float, cy: float, size: float, angle: float, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool mask of one shape of diameter `size` (pixels)."""
+    canvas = Image.new("L", (hw[1], hw[0]), 0)
+    draw = ImageDraw.Draw(canvas)
+    r = size / 2
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r, angle), fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def stuff_texture(name: str, rng: np.random.Generator, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) float texture of a stuff class; each has a distinct low-level statistic."""
+    h, w = hw
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    noise = rng.normal(0.0, 1.0, (h, w, 1)).astype(np.float32)
+    if name == "sky":  # smooth vertical gradient, almost no noise
+        t = (yy / max(h - 1, 1))[..., None]
+        return np.array([105, 155, 230]) * (1 - t) + np.array([195, 220, 250]) * t + 3 * noise
+    if name == "grass":  # strong green noise streaked vertically like blades
+        blades = ndimage.uniform_filter1d(rng.normal(0, 1, (h, w)), 5, axis=0)[..., None]
+        return np.array([85, 145, 45]) + np.array([18, 45, 14]) * blades * 2 + 8 * noise
+    if name == "sand":  # flat beige with sparse dark speckles
+        speck = (rng.random((h, w, 1)) < 0.08) * np.array([-60, -55, -45])
+        return np.array([215, 195, 145]) + speck + 5 * noise
+    if name == "water":  # wavy horizontal stripes
+        phase = rng.uniform(0, 2 * np.pi)
+        wave = np.sin(2 * np.pi * (yy + 2.5 * np.sin(xx / 5 + phase)) / 6)[..., None]
+        return np.array([40, 100, 165]) + np.array([20, 30, 35]) * wave + 4 * noise
+    if name == "wall":  # bricks 16x8 with light mortar, alternate rows offset by half a brick
+        oy, ox = rng.integers(0, 8), rng.integers(0, 16)
+        row = ((yy + oy) // 8).astype(int)
+        mortar = ((yy + oy) % 8 < 1.5) | ((xx + ox + 8 * (row % 2)) % 16 < 1.5)
+        return np.where(mortar[..., None], np.array([205, 200, 190]), np.array([155, 75, 55])) + 6 * noise
+    raise ValueError(f"unknown stuff class {name!r}")
+
+
+def _stuff_layout(rng: np.random.Generator, hw: tuple[int, int], k: int) -> np.ndarray:
+    """(H, W) int region index in [0, k): bands split by k-1 random wavy boundaries."""
+    h, w = hw
+    vertical = rng.random() < 0.5
+    length, across = (w, h) if vertical else (h, w)
+    t = np.arange(across, dtype=np.float32)
+    coord = np.arange(length, dtype=np.float32)[:, None]  # (length, 1)
+    region = np.zeros((length, across), dtype=np.int64)
+    for base in np.sort(rng.uniform(0.2, 0.8, k - 1)) * length:
+        amp, freq, phase = rng.uniform(2, 8), rng.uniform(0.5, 2.0), rng.uniform(0, 2 * np.pi)
+        region += coord > base + amp * np.sin(2 * np.pi * freq * t / across + phase)
+    return region.T if vertical else region
+
+
+def _place_things(rng: np.random.Generator, hw: tuple[int, int], min_size: int, max_size: int) -> list[tuple[int, np.ndarray]]:
+    """Random things in painter's order, as (class id, full mask); mostly hidden ones are dropped.
+
+    A thing whose visible part (after later things are painted over it) is under half its
+    in-image area or under 24 pixels is removed before painting: its pixels would be a
+    fragment nobody can name. Dropping one can uncover another, hence the loop.
+    """
+    things = []
+    for _ in range(rng.integers(1, 6)):
+        # One in three picks repeats a class already present: several instances of one class.
+        cls = things[rng.integers(len(things))][0] if things and rng.random() < 0.33 else rng.integers(len(THING_NAMES))
+        size = rng.uniform(min_size, max_size)
+        cx, cy = rng.uniform(size * 0.3, hw[1] - size * 0.3), rng.uniform(size * 0.3, hw[0] - size * 0.3)
+        angle = rng.uniform(-0.45, 0.45)  # +-25 degrees: a square must not become a diamond
+        mask = shape_mask(SHAPES[cls % len(SHAPES)], cx, cy, size, angle, hw)
+        if mask.sum() >= 24:
+            things.append((int(cls), mask))
+    while True:
+        covered = np.zeros(hw, dtype=bool)
+        keep = [True] * len(things)
+        for i in range(len(things) - 1, -1, -1):  # top-most first
+            visible = (things[i][1] & ~covered).sum()
+            keep[i] = visible >= max(24, 0.5 * things[i][1].sum())
+            if keep[i]:
+                covered |= things[i][1]
+        if all(keep):
+            return things
+        things = [t for t, k in zip(things, keep) if k]
+
+
+def render_scene(rng: np.random.Generator, size: int = 96, min_thing: int = 12, max_thing: int = 36) -> dict:
+    """One scene: {"image": uint8 (H, W, 3), "sem": uint8 (H, W) contiguous toy ids,
+    "segments": [{"category_id", "isthing", "mask" (H, W) bool}]} (visible masks, disjoint)."""
+    hw = (size, size)
+    k = int(rng.integers(1, 4))
+    stuff_ids = rng.choice(len(STUFF), size=k, replace=False)
+    layout = _stuff_layout(rng, hw, k)
+    image = np.zeros((size, size, 3), dtype=np.float32)
+    sem = np.zeros(hw, dtype=np.uint8)
+    segments = []
+    for region, sid in enumerate(stuff_ids):
+        m = layout == region
+        if m.any():
+            image[m] = stuff_texture(STUFF[sid], rng, hw)[m]
+            sem[m] = len(THING_NAMES) + sid
+            segments.append({"category_id": len(THING_NAMES) + int(sid), "isthing": False, "mask": m})
+    for cls, mask in _place_things(rng, hw, min_thing, max_thing):
+        # Flat colour, a per-instance brightness jitter and a darker 1-pixel outline.
+        color = np.array(COLORS[THING_NAMES[cls].split()[0]]) * rng.uniform(0.85, 1.1)
+        edge = mask & ~ndimage.binary_erosion(mask)
+        image[mask] = color + rng.normal(0, 4, (int(mask.sum()), 3))
+        image[edge] *= 0.6
+        sem[mask] = cls
+        for seg in segments:  # painter's order: the new thing takes its pixels from all below
+            seg["mask"] = seg["mask"] & ~mask
+        segments.append({"category_id": cls, "isthing": True, "mask": mask})
+    segments = [s for s in segments if s["mask"].any()]
+    return {"image": np.clip(image, 0, 255).astype(np.uint8), "sem": sem, "segments": segments}
+
+
+# --------------------------------------------------------------------------- tiny-CLIP data
+
+
+def _single_class_image(rng: np.random.Generator, cls: int, size: int, mean_fill: bool) -> np.ndarray:
+    """(size, size, 3) uint8: one thing on a stuff texture, or a stuff patch (cls >= 30).
+
+    With `mean_fill` the pixels outside the object (or outside a random blob of stuff) take
+    CLIP's mean colour, like the masked crops the region classifier feeds CLIP.
+    """
+    hw = (size, size)
+    if cls < len(THING_NAMES):
+        image = stuff_texture(STUFF[rng.integers(len(STUFF))], rng, hw)
+        d = rng.uniform(0.45, 0.85) * size
+        c = size / 2 + rng.uniform(-0.1, 0.1, 2) * size
+        mask = shape_mask(SHAPES[cls % len(SHAPES)], c[0], c[1], d, rng.uniform(-0.45, 0.45), hw)
+        image[mask] = np.array(COLORS[THING_NAMES[cls].split()[0]]) * rng.uniform(0.85, 1.1)
+        image[mask & ~ndimage.binary_erosion(mask)] *= 0.6
+    else:
+        image = stuff_texture(STUFF[cls - len(THING_NAMES)], rng, hw)
+        blob = ndimage.gaussian_filter(rng.normal(0, 1, hw), size / 8)
+        mask = blob > np.quantile(blob, rng.uniform(0.1, 0.5))
+    if mean_fill:
+        image[~mask] = CLIP_MEAN_255
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def with_article(name: str) -> str:
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _caption(rng: np.random.Generator, cls: int) -> str:
+    if cls < len(THING_NAMES):
+        return THING_TEMPLATES[rng.integers(len(THING_TEMPLATES))].format(with_article(NAMES[cls]))
+    return STUFF_TEMPLATES[rng.integers(len(STUFF_TEMPLATES))].format(NAMES[cls])
+
+
+def sample_clip_batch(rng: np.random.Generator, n: int, size: int = 64) -> tuple[np.ndarray, list[str]]:
+    """`n` image-caption pairs over all 35 classes -> (uint8 (n, 3, size, size), captions).
+
+    60% single things ("a photo of a red circle."), 20% stuff patches ("a photo of grass."),
+    half of both mean-filled outside the mask; 20% whole scenes captioned with one or two of
+    their things ("a red circle and a blue star on grass."). Single-class captions name exactly
+    one class, so the same-caption positives of the contrastive loss are the same class.
+    """
+    images = np.zeros((n, 3, size, size), dtype=np.uint8)
+    captions = []
+    for i in range(n):
+        u = rng.random()
+        if u < 0.8:
+            cls = int(rng.integers(len(THING_NAMES))) if u < 0.6 else len(THING_NAMES) + int(rng.integers(len(STUFF)))
+            images[i] = _single_class_image(rng, cls, size, rng.random() < 0.5).transpose(2, 0, 1)
+            captions.append(_caption(rng, cls))
+            continue
+        scene = render_scene(rng, size=size, min_thing=size // 5, max_thing=size // 2)
+        things = sorted({s["category_id"] for s in scene["segments"] if s["isthing"]})
+        stuff = max((s for s in scene["segments"] if not s["isthing"]), key=lambda s: s["mask"].sum(), default=None)
+        named = rng.permutation(things)[: rng.integers(1, 3)]
+        text = " and ".join(with_article(NAMES[c]) for c in named)
+        captions.append(f"{text} on {NAMES[stuff['category_id']]}." if stuff is not None else f"{text}.")
+        images[i] = scene["image"].transpose(2, 0, 1)
+    return images, captions
+
+
+def zero_shot_eval_set(seed: int, n_per_class: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Single-class images of every toy class -> (uint8 (35 n, 3, size, size), int64 labels).
+
+    Labels are contiguous toy ids (`toy_categories()`); half the images are mean-filled.
+    """
+    rng = np.random.default_rng([seed, 7])
+    labels = np.repeat(np.arange(len(NAMES)), n_per_class)
+    images = np.stack([_single_class_image(rng, int(c), size, j % 2 == 1).transpose(2, 0, 1)
+                       for j, c in enumerate(labels)])
+    return images, labels.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- COCO layout
+
+_SPLITS = ("train2017", "val2017")
+
+
+def _rgb_from_id(ids: np.ndarray) -> np.ndarray:
+    """COCO panoptic PNG encoding: id = R + 256 G + 256^2 B -> (H, W, 3) uint8."""
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+
+
+def _bbox(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+
+
+def _write_one(job: tuple[str, int, int], raw_dir: str, seed: int, size: int) -> tuple[dict, dict, list[dict]]:
+    """Render image `index` of `split` and write its image, panoptic PNG and stuff-thing map."""
+    from pycocotools import mask as mask_utils
+
+    from freeseg.data.io import save_png_atomic
+
+    split, index, image_id = job
+    scene = render_scene(np.random.default_rng([seed, _SPLITS.index(split), index]), size=size)
+    name = f"{image_id:012d}.png"
+    pan = np.zeros((size, size), dtype=np.int64)
+    segments_info, instances = [], []
+    for k, seg in enumerate(scene["segments"]):
+        coco_id = seg["category_id"] + 1  # toy COCO-style ids start at 1, like COCO's
+        seg_id = coco_id * 1000 + k  # spread over the R and G channels, as real COCO ids are
+        pan[seg["mask"]] = seg_id
+        info = {"id": seg_id, "category_id": coco_id, "iscrowd": 0, "bbox": _bbox(seg["mask"]),
+                "area": int(seg["mask"].sum())}
+        segments_info.append(info)
+        if seg["isthing"]:
+            rle = mask_utils.encode(np.asfortranarray(seg["mask"].astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            instances.append({"image_id": image_id, "category_id": coco_id, "segmentation": rle,
+                              "area": info["area"], "bbox": info["bbox"], "iscrowd": 0})
+    save_png_atomic(scene["image"], f"{raw_dir}/{split}/{name}")
+    save_png_atomic(_rgb_from_id(pan), f"{raw_dir}/panoptic_{split}/{name}")
+    # COCO-Stuff convention: the label map stores the category id minus one (255 = unlabeled).
+    save_png_atomic(scene["sem"], f"{raw_dir}/stuffthingmaps/{split}/{name}")
+    image = {"id": image_id, "file_name": name, "height": size, "width": size}
+    return image, {"image_id": image_id, "file_name": name, "segments_info": segments_info}, instances
+
+
+def write_coco_layout(raw_dir: str, num_train: int, num_val: int, seed: int, size: int = 96,
+                      workers: int = 1, force: bool = False) -> bool:
+    """Generate the toy world into `raw_dir` (COCO layout). Returns False if it was already there.
+
+    Train image ids are 1..num_train and val ids 1_000_001.., so they never collide.
+    """
+    import functools
+    import os
+
+    from freeseg.data.io import load_json, parallel_map, save_json_atomic
+
+    params = {"num_train": num_train, "num_val": num_val, "seed": seed, "size": size, "version": 1}
+    params_file = f"{raw_dir}/annotations/toy_world.json"
+    outputs = [f"{raw_dir}/annotations/{kind}_{s}.json" for kind in ("panoptic", "instances") for s in _SPLITS]
+    if not force and os.path.isfile(params_file) and all(map(os.path.isfile, outputs)):
+        if load_json(params_file) == params:
+            return False
+    cats = toy_categories()
+    pan_cats = [{"id": c["id"] + 1, "name": c["name"], "isthing": int(c["isthing"]),
+                 "supercategory": "shape" if c["isthing"] else "texture"} for c in cats]
+    inst_cats = [{"id": c["id"], "name": c["name"], "supercategory": c["supercategory"]}
+                 for c in pan_cats if c["isthing"]]
+    for split, num, first_id in (("train2017", num_train, 1), ("val2017", num_val, 1_000_001)):
+        jobs = [(split, i, first_id + i) for i in range(num)]
+        fn = functools.partial(_write_one, raw_dir=raw_dir, seed=seed, size=size)
+        results = parallel_map(fn, jobs, workers, desc=f"toy {split}")
+        images = [r[0] for r in results]
+        instances = [ann for r in results for ann in r[2]]
+        for ann_id, ann in enumerate(instances, start=1):
+            ann["id"] = ann_id
+        info = {"description": "FreeSeg toy world", "seed": seed}
+        save_json_atomic({"info": info, "images": images, "annotations": [r[1] for r in results],
+                          "categories": pan_cats}, f"{raw_dir}/annotations/panoptic_{split}.json")
+        save_json_atomic({"info": info, "images": images, "annotations": instances, "categories": inst_cats},
+                         f"{raw_dir}/annotations/instances_{split}.json")
+    save_json_atomic(params, params_file)
+    return True

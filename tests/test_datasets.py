@@ -1,0 +1,97 @@
+"""Dataset readers: sample format, base split, crowd handling, semantic-only data, crops."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from freeseg.data.datasets import (SegmentCropDataset, SegmentationDataset, build_loader, collate_samples,
+                                   load_meta, stack_images)
+from freeseg.data.io import DataError
+from freeseg.data.prepare_coco import prepare_coco, prepare_toy
+
+from test_prepare_coco import _layout, write_coco_fixture
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("toy"))
+    prepare_toy(root, num_train=8, num_val=4, seed=1, per_class=5)
+    return os.path.join(root, "freeseg", "toy")
+
+
+def test_sample_format_and_targets(toy_dir):
+    ds = SegmentationDataset(toy_dir, "val")
+    s = ds[0]
+    H, W = s["orig_size"]
+    assert s["image"].shape == (3, H, W) and s["image"].dtype == torch.uint8
+    assert s["sem_seg"].dtype == torch.int64 and s["masks"].dtype == torch.bool
+    N = len(s["labels"])
+    assert s["masks"].shape == (N, H, W) and s["isthing"].shape == (N,)
+    assert (s["masks"].sum(0) == 1).all()  # toy panoptic segments tile the image
+    for m, c in zip(s["masks"], s["labels"]):
+        assert (s["sem_seg"][m] == c).all()
+
+
+def test_base_split_drops_unseen(toy_dir):
+    unseen = {c["id"] for c in load_meta(toy_dir)["categories"] if not c["seen"]}
+    full, base = SegmentationDataset(toy_dir, "train"), SegmentationDataset(toy_dir, "train", base=True)
+    found = 0
+    for i in range(len(full)):
+        f, b = full[i], base[i]
+        hidden = torch.isin(f["sem_seg"], torch.tensor(sorted(unseen)))
+        found += int(hidden.any())
+        assert (b["sem_seg"][hidden] == 255).all() and (b["sem_seg"][~hidden] == f["sem_seg"][~hidden]).all()
+        assert not set(b["labels"].tolist()) & unseen
+    assert found > 0
+    with pytest.raises(DataError, match="val_base"):
+        SegmentationDataset(toy_dir, "val", base=True)[0]
+
+
+def test_crowd_segments_have_no_mask_but_keep_sem(tmp_path):
+    root = str(tmp_path)
+    write_coco_fixture(root, 1, 1)
+    prepare_coco(root)
+    s = SegmentationDataset(os.path.join(root, "freeseg", "coco"), "val")[0]
+    _, _, things = _layout(20, 24)
+    assert len(s["labels"]) == 4  # person, cow, sky, grass: the crowd is not a target
+    assert not s["masks"][:, torch.from_numpy(things["crowd"])].any()
+    assert (s["sem_seg"][torch.from_numpy(things["crowd"])] == 0).all()  # still "person" in sem_seg
+
+
+def test_semantic_only_dataset(tmp_path):
+    out = tmp_path / "freeseg" / "sem"
+    (out / "sem_seg" / "val").mkdir(parents=True)
+    sem = np.full((6, 8), 255, np.uint8)
+    sem[:3], sem[3:, :4] = 2, 0
+    Image.fromarray(sem).save(out / "sem_seg" / "val" / "a.png")
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (out / "meta.json").write_text(json.dumps({"dataset": "sem", "categories": [
+        {"id": i, "raw_id": i + 1, "name": n, "isthing": True, "seen": True} for i, n in enumerate("abc")]}))
+    (out / "val.json").write_text(json.dumps([{"image_id": 1, "file_name": "a.png", "height": 6, "width": 8,
+                                               "sem_seg_file": "freeseg/sem/sem_seg/val/a.png",
+                                               "panoptic_file": None, "segments": []}]))
+    s = SegmentationDataset(str(out), "val")[0]
+    assert s["labels"].tolist() == [0, 2] and not s["isthing"].any()
+    assert s["masks"][0].sum() == 12 and s["masks"][1].sum() == 24
+
+
+def test_crop_dataset_cuts_the_segment(toy_dir):
+    ds = SegmentCropDataset(toy_dir, "train", size=32, expand_ratio=1.5)
+    seen = {c["id"] for c in load_meta(toy_dir)["categories"] if c["seen"]}
+    labels = [ds.index[i]["category_id"] for i in range(len(ds))]
+    assert set(labels) <= seen and max(np.bincount(labels)) <= 5  # seen only, per-class cap
+    crop, label = ds[0]
+    assert crop.shape == (3, 32, 32) and crop.dtype == torch.float32 and label == labels[0]
+
+
+def test_loader_keeps_samples_as_a_list(toy_dir):
+    batch = next(iter(build_loader(SegmentationDataset(toy_dir, "train"), 3, shuffle=True)))
+    assert isinstance(batch, list) and len(batch) == 3 and stack_images(batch).shape == (3, 3, 96, 96)
+    assert collate_samples([1, 2]) == [1, 2]
+    odd = [{"image": torch.zeros(3, 4, 4)}, {"image": torch.zeros(3, 5, 4)}]
+    with pytest.raises(ValueError, match="different sizes"):
+        stack_images(odd)
