@@ -1,0 +1,167 @@
+"""Inference for one image and all requested tasks, and a CPU benchmark of it.
+
+Paper, section 3.3 and eq. 6; the official flow is bytedance/FreeSeg
+mask2former/open_vocabulary_model.py (`forward` in eval mode, `semantic_inference`, ...):
+
+    backbone + pixel decoder, once per image                      (task independent)
+    for each task:
+        text features of the task's class prompts                 (cached per class list and task)
+        [optional: test-time prompt tuning of the class prompt]   (ttpt.py)
+        interaction + transformer decoder -> last layer's logits and masks
+        masks: bilinear (align_corners=True, as the official code) to the padded input size,
+               cropped to the image, sigmoid -> (Q, H, W)
+        p_mask = softmax over K + 1, no-object column dropped      (Q, K)
+        p_clip = CLIP on the mask crops of the input image         (Q, K)   region_classifier.py
+        p      = geometric ensemble (seen / unseen exponents)      (Q, K)
+        semantic / instance / panoptic post-processing             (postprocess.py)
+
+Deliberate differences from the official code:
+  - one loop over tasks instead of three copied blocks; the image is encoded once, not three
+    times, and text features are computed once per (class list, task) and may be cached across
+    images (`text_cache`), where the official code re-runs CLIP's text tower for every call;
+  - panoptic post-processing here follows Mask2Former's rule, which needs a "no object"
+    probability per query: we append the mask classifier's own no-object probability to the
+    ensembled class probabilities. The official FreeSeg code drops that column and instead
+    re-sharpens the ensembled scores with softmax(p / 0.01) (see postprocess.py's header).
+Axis legend: Q queries, K classes, E embedding dim, H W spatial.
+"""
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from freeseg.config import InferenceConfig
+from freeseg.modeling.freeseg import FreeSeg, record_time
+from freeseg.modeling.postprocess import instance_inference, panoptic_inference, semantic_inference
+from freeseg.modeling.region_classifier import RegionClassifier, geometric_ensemble
+from freeseg.modeling.targets import TASKS
+from freeseg.modeling.ttpt import tune_text_features
+
+
+def _task_text(model: FreeSeg, class_names: list[str], task: str, text_cache: dict | None) -> torch.Tensor:
+    key = (tuple(class_names), task)
+    if text_cache is not None and key in text_cache:
+        return text_cache[key]
+    text = model.text_features(class_names, task).detach()
+    if text_cache is not None:
+        text_cache[key] = text
+    return text
+
+
+def _mask_probs(mask_logits: torch.Tensor, padded: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """mask logits (Q, h, w) at stride 4 of the padded input -> probabilities (Q, H, W) of the image."""
+    up = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=True)[0]
+    return up[:, :size[0], :size[1]].sigmoid()
+
+
+@torch.no_grad()
+def predict(model: FreeSeg, image: torch.Tensor, class_names: list[str], unseen: torch.Tensor,
+            is_thing: torch.Tensor, tasks: tuple[str, ...] | None = None, cfg: InferenceConfig | None = None,
+            out_size: tuple[int, int] | None = None, text_cache: dict | None = None,
+            timings: dict | None = None) -> dict:
+    """One image (3, H, W) uint8 or float 0-255 -> results per task:
+        "semantic": (K, H_out, W_out) class scores (argmax = label map),
+        "instance": {"masks": (n, H_out, W_out) bool, "scores": (n,), "labels": (n,)},
+        "panoptic": (panoptic_seg (H_out, W_out) int32, segments_info list).
+    class_names (K), unseen (K,) bool, is_thing (K,) bool; tasks default to cfg.tasks;
+    out_size (H_out, W_out) resizes the masks first (default: the input size);
+    text_cache: a dict kept by the caller across images (drop it if the prompts change);
+    timings: a dict that receives seconds per stage: "backbone", "pixel_decoder" (once), and per
+    task {"text", "ttpt", "interaction_decoder", "region_clip", "postprocess"}.
+    """
+    cfg = cfg or InferenceConfig()
+    tasks = tuple(tasks or cfg.tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"predict: unknown tasks {unknown}; known: {', '.join(TASKS)}")
+    K = len(class_names)
+    if unseen.shape != (K,) or is_thing.shape != (K,):
+        raise ValueError(f"predict: unseen {tuple(unseen.shape)} and is_thing {tuple(is_thing.shape)} must be ({K},)")
+    was_training = model.training
+    model.eval()  # no dropout; the caller's mode is restored below
+    try:
+        image = image.to(model.pixel_mean.device).float()
+        features = model.extract(image[None], timings)
+        return {task: _predict_task(model, image, features, task, class_names, unseen, is_thing, cfg, out_size,
+                                    text_cache, timings)
+                for task in tasks}
+    finally:
+        model.train(was_training)
+
+
+def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str, class_names: list[str],
+                  unseen: torch.Tensor, is_thing: torch.Tensor, cfg: InferenceConfig,
+                  out_size: tuple[int, int] | None, text_cache: dict | None, timings: dict | None):
+    """One task of `predict` on the shared image features."""
+    K, (H, W) = len(class_names), image.shape[-2:]
+    task_times = {} if timings is not None else None
+    start = time.perf_counter()
+    text = _task_text(model, class_names, task, text_cache)
+    start = record_time(task_times, "text", start)
+    if cfg.ttpt.enabled and int(unseen.sum()) >= 2:
+        text, _ = tune_text_features(model, features, class_names, task, unseen, cfg.ttpt)
+        start = record_time(task_times, "ttpt", start)
+    out = model.decode(features, text, task_times)
+    start = time.perf_counter()
+    d = model.size_divisibility
+    padded = (H + (-H) % d, W + (-W) % d)  # the input size `extract` padded to
+    masks = _mask_probs(out["pred_masks"][0], padded, (H, W))  # (Q, H, W)
+    probs = out["pred_logits"][0].softmax(dim=-1)  # (Q, K + 1)
+    p_mask, p_void = probs[:, :K], probs[:, K:]
+    start = record_time(task_times, "postprocess", start)
+    if cfg.use_clip:
+        regions = RegionClassifier(model.clip_model, cfg.mask_threshold, cfg.mask_expand_ratio, cfg.clip_chunk)
+        p_clip = regions.to(image.device)(image, masks, text)  # crops of the input image, (Q, K)
+        p_mask = geometric_ensemble(p_mask, p_clip, unseen, cfg.clip_weight_seen, cfg.clip_weight_unseen)
+        start = record_time(task_times, "region_clip", start)
+    if out_size is not None and tuple(out_size) != (H, W):
+        masks = F.interpolate(masks[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
+    if task == "semantic":
+        result = semantic_inference(p_mask, masks)
+    elif task == "instance":
+        result = instance_inference(p_mask, masks, is_thing, cfg.instance_topk)
+    else:
+        result = panoptic_inference(torch.cat([p_mask, p_void], dim=1), masks, is_thing,
+                                    cfg.object_mask_threshold, cfg.overlap_threshold)
+    record_time(task_times, "postprocess", start)
+    if timings is not None:
+        timings[task] = task_times
+    return result
+
+
+def benchmark_inference(height: int = 480, width: int = 640, num_classes: int = 133, seed: int = 0) -> dict:
+    """Time `predict` (all three tasks, one call) on one random image with the full-size
+    configuration: R101c DeepLab backbone, ViT-B/16-shaped CLIP, `num_classes` classes, random
+    weights. -> the `timings` dict of `predict` plus "total" and "build" seconds."""
+    from freeseg.clip import CLIP, default_tokenizer
+    from freeseg.config import get_preset
+    from freeseg.modeling.freeseg import build_freeseg
+
+    torch.manual_seed(seed)
+    cfg = get_preset("coco")
+    # OpenAI's ViT-B/16 shape (what `build_model` infers from the released weights).
+    clip = CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
+                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                transformer_layers=12).eval()
+    start = time.perf_counter()
+    model = build_freeseg(cfg, clip, default_tokenizer()).eval()
+    timings: dict = {"build": time.perf_counter() - start}
+    names = [f"class {i}" for i in range(num_classes)]
+    unseen = torch.arange(num_classes) % 9 == 0
+    is_thing = torch.arange(num_classes) < 80
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+    start = time.perf_counter()
+    predict(model, image, names, unseen, is_thing, cfg.inference.tasks, cfg.inference, timings=timings)
+    timings["total"] = time.perf_counter() - start
+    return timings
+
+
+if __name__ == "__main__":
+    report = benchmark_inference()
+    print(f"torch threads {torch.get_num_threads()}; model build {report['build']:.1f} s; "
+          f"predict, 3 tasks: {report['total']:.1f} s")
+    print(f"shared: backbone {report['backbone']:.2f} s, pixel decoder {report['pixel_decoder']:.2f} s")
+    for task in ("semantic", "instance", "panoptic"):
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in report[task].items())
+        print(f"{task:9s} {sum(report[task].values()):7.2f} s  ({parts})")

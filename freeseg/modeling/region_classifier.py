@@ -1,0 +1,165 @@
+"""Region classification with frozen CLIP and the seen/unseen geometric ensemble.
+
+FreeSeg (paper, section 3.3 and eq. 6) classifies every mask proposal twice: once by the mask
+classifier (query embedding vs. prompt text features) and once by CLIP itself, which sees the
+image region cut out by the mask. The two distributions are combined geometrically, trusting
+CLIP more for classes the segmenter never saw in training.
+
+Region crop, as the official code does it (bytedance/FreeSeg,
+mask2former/modeling/clip_adapter/adapter.py `MaskFormerClipAdapter._preprocess_image` and
+clip_adapter/clip.py `mask2box`, `expand_box`, `crop_with_mask`):
+  1. binarise the mask probabilities at `mask_threshold` (official MASK_THR 0.5);
+  2. tight box (x1, y1, x2 + 1, y2 + 1) of the binary mask, grown about its centre by
+     `expand_ratio` (official MASK_EXPAND_RATIO 1.0), coordinates truncated to int, then clipped
+     to the image;
+  3. pixels of the box outside the mask are set to CLIP's mean colour (MASK_FILL "mean"), so
+     they become zero after CLIP's normalisation;
+  4. bicubic resize to CLIP's input resolution with align_corners=True.
+The official code normalises before resizing; normalisation is a per-channel affine map and
+bicubic weights sum to one, so the order does not matter and we resize first (crops in 0-255).
+
+Ensemble (official mask2former/open_vocabulary_model.py, `semantic_inference`): the mask
+classifier's softmax over K+1 classes with the no-object column dropped (not renormalised),
+CLIP's softmax(100 * cos) over the K classes only, and per class
+    p = p_mask^(1 - w) * p_clip^w,   w = w_seen (0.2) for seen, w_unseen (0.8) for unseen classes.
+
+Deliberate differences from the official code:
+  - a query whose binary mask is empty gets a uniform CLIP row (1/K); the official code uses a
+    row of ones. Both leave that query's ranking of classes to the mask classifier; ours keeps
+    every row a probability distribution (the two differ by the constant factor K^-w).
+  - crops are encoded in chunks of `chunk` instead of all at once, to bound memory.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from freeseg.clip import CLIP_MEAN, CLIP_STD
+
+# CLIP's logit scale at convergence; the official adapter's `get_sim_logits` uses 100 as well.
+CLIP_TEMPERATURE = 100.0
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight boxes of binary masks: masks (N, H, W) bool -> (N, 4) long (x1, y1, x2, y2), x2/y2
+    exclusive (detectron2's BitMasks convention). Empty masks give (0, 0, 0, 0)."""
+    N, H, W = masks.shape
+    cols = masks.any(dim=1)  # (N, W)
+    rows = masks.any(dim=2)  # (N, H)
+    x = torch.arange(W, device=masks.device)
+    y = torch.arange(H, device=masks.device)
+    # First/last occupied column: max over x where occupied (and over -x for the minimum).
+    x1 = torch.where(cols, W - x, 0).amax(dim=1)
+    x2 = torch.where(cols, x + 1, 0).amax(dim=1)
+    y1 = torch.where(rows, H - y, 0).amax(dim=1)
+    y2 = torch.where(rows, y + 1, 0).amax(dim=1)
+    empty = ~cols.any(dim=1)
+    boxes = torch.stack([W - x1, H - y1, x2, y2], dim=1)  # (N, 4)
+    return torch.where(empty[:, None], torch.zeros_like(boxes), boxes)
+
+
+def expand_boxes(boxes: torch.Tensor, expand_ratio: float, height: int, width: int) -> torch.Tensor:
+    """Grow boxes (N, 4) about their centre by `expand_ratio`, truncate to int (as the official
+    `expand_box` does with `int()`, i.e. towards zero), clip to the image. -> (N, 4) long."""
+    b = boxes.double()
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    half_w, half_h = (b[:, 2] - b[:, 0]) * expand_ratio / 2, (b[:, 3] - b[:, 1]) * expand_ratio / 2
+    grown = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1).trunc().long()
+    limits = torch.tensor([width, height, width, height], device=boxes.device)
+    return torch.minimum(grown.clamp(min=0), limits)
+
+
+def crop_masked_regions(image: torch.Tensor, masks: torch.Tensor, size: int, expand_ratio: float,
+                        fill: tuple[float, float, float] | torch.Tensor) -> torch.Tensor:
+    """Cut each mask's region out of the image for CLIP.
+
+    image (3, H, W) float 0-255; masks (N, H, W) bool, none empty; fill (3,) 0-255 colour of the
+    pixels outside the mask -> crops (N, 3, size, size) float 0-255 (bicubic, so values may
+    overshoot 0-255 slightly, as in the official code).
+    """
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"crop_masked_regions: image must be (3, H, W), got {tuple(image.shape)}")
+    if masks.dim() != 3 or masks.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"crop_masked_regions: masks must be (N, {image.shape[1]}, {image.shape[2]}), "
+                         f"got {tuple(masks.shape)}")
+    masks = masks.bool()
+    image = image.float()
+    N, H, W = masks.shape
+    if N == 0:
+        return image.new_zeros(0, 3, size, size)
+    empty = ~masks.flatten(1).any(dim=1)
+    if empty.any():
+        raise ValueError(f"crop_masked_regions: masks {empty.nonzero().flatten().tolist()} are empty")
+    fill = torch.as_tensor(fill, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    boxes = expand_boxes(mask_boxes(masks), expand_ratio, H, W).tolist()
+    crops = []
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes):
+        # A box can collapse to zero width only if expand_ratio shrinks it below one pixel.
+        x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
+        region = torch.where(mask[y1:y2, x1:x2], image[:, y1:y2, x1:x2], fill)  # (3, h, w)
+        crops.append(F.interpolate(region[None], size=(size, size), mode="bicubic", align_corners=True))
+    return torch.cat(crops)  # (N, 3, size, size)
+
+
+class RegionClassifier(nn.Module):
+    """Classify mask proposals with frozen CLIP (paper, section 3.3).
+
+    forward(image (3, H, W) 0-255, mask_probs (Q, H, W) in [0, 1], text_features (K, E) L2-normalised)
+    -> probs (Q, K): softmax over K of 100 * cos(CLIP region feature, text feature).
+    Queries whose binarised mask is empty get the uniform row 1/K.
+    """
+
+    def __init__(self, clip_model: nn.Module, mask_threshold: float = 0.5, expand_ratio: float = 1.0,
+                 chunk: int = 32):
+        super().__init__()
+        if chunk < 1:
+            raise ValueError(f"RegionClassifier: chunk must be >= 1, got {chunk}")
+        self.clip_model = clip_model
+        self.mask_threshold = mask_threshold
+        self.expand_ratio = expand_ratio
+        self.chunk = chunk
+        self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    @torch.no_grad()
+    def encode_regions(self, image: torch.Tensor, mask_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (features (Q, E) L2-normalised, zero rows for empty masks; valid (Q,) bool)."""
+        valid = (mask_probs > self.mask_threshold).flatten(1).any(dim=1)  # (Q,)
+        features = image.new_zeros(mask_probs.shape[0], self.clip_model.embed_dim, dtype=torch.float32)
+        binary = mask_probs[valid] > self.mask_threshold
+        size = self.clip_model.input_resolution
+        fill = self.clip_mean.flatten()
+        for start in range(0, binary.shape[0], self.chunk):
+            crops = crop_masked_regions(image, binary[start:start + self.chunk], size, self.expand_ratio, fill)
+            crops = (crops - self.clip_mean) / self.clip_std  # CLIP's normalisation
+            out = self.clip_model.encode_image(crops).float()  # (n, E)
+            idx = valid.nonzero().flatten()[start:start + self.chunk]
+            features[idx] = F.normalize(out, dim=-1)
+        return features, valid
+
+    @staticmethod
+    def classify(features: torch.Tensor, valid: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """features (Q, E), valid (Q,), text_features (K, E) -> probs (Q, K). Differentiable in
+        `text_features`, which test-time prompt tuning needs."""
+        probs = (CLIP_TEMPERATURE * features @ text_features.t()).softmax(dim=-1)  # (Q, K)
+        uniform = torch.full_like(probs, 1.0 / max(text_features.shape[0], 1))
+        return torch.where(valid[:, None], probs, uniform)
+
+    def forward(self, image: torch.Tensor, mask_probs: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        features, valid = self.encode_regions(image, mask_probs)
+        return self.classify(features, valid, text_features)
+
+
+def geometric_ensemble(p_mask: torch.Tensor, p_clip: torch.Tensor, unseen: torch.Tensor,
+                       w_seen: float, w_unseen: float) -> torch.Tensor:
+    """Paper eq. 6: p_mask (Q, K), p_clip (Q, K), unseen (K,) bool -> (Q, K)
+    p = p_mask^(1 - w) * p_clip^w with w = w_unseen on unseen classes and w_seen on seen ones.
+
+    The official weight CLIP_ENSEMBLE_WEIGHT 0.8 is the exponent of CLIP for unseen classes and
+    of the mask classifier for seen ones (open_vocabulary_model.py, `trained_mask` branch).
+    """
+    if p_mask.shape != p_clip.shape or p_mask.shape[-1] != unseen.shape[0]:
+        raise ValueError(f"geometric_ensemble: shapes differ: p_mask {tuple(p_mask.shape)}, "
+                         f"p_clip {tuple(p_clip.shape)}, unseen {tuple(unseen.shape)}")
+    w = torch.where(unseen.bool().to(p_mask.device), w_unseen, w_seen).to(p_mask.dtype)  # (K,)
+    return p_mask.pow(1 - w) * p_clip.pow(w)

@@ -1,0 +1,123 @@
+"""Region crops, CLIP region classification and the geometric ensemble (paper eq. 6)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from freeseg.clip import CLIP, CLIP_MEAN, CLIP_STD
+from freeseg.modeling.region_classifier import (
+    RegionClassifier, crop_masked_regions, expand_boxes, geometric_ensemble, mask_boxes,
+)
+
+FILL = (10.0, 20.0, 30.0)
+
+
+def tiny_clip() -> CLIP:
+    torch.manual_seed(0)
+    return CLIP(embed_dim=16, image_resolution=16, vision_layers=1, vision_width=32, vision_patch_size=8,
+                context_length=16, vocab_size=64, transformer_width=32, transformer_heads=2,
+                transformer_layers=1).eval()
+
+
+def small_image() -> torch.Tensor:
+    return torch.arange(3 * 6 * 6, dtype=torch.float32).view(3, 6, 6)
+
+
+def test_boxes_by_hand():
+    masks = torch.zeros(3, 6, 6, dtype=torch.bool)
+    masks[0, 1:4, 2:5] = True
+    masks[1, 5, 0] = True
+    boxes = mask_boxes(masks)
+    assert boxes.tolist() == [[2, 1, 5, 4], [0, 5, 1, 6], [0, 0, 0, 0]]
+    # Ratio 2 about centre (3.5, 2.5): x 0.5..6.5 -> 0..6, y -0.5..5.5 -> 0 (truncated to zero)..5.
+    assert expand_boxes(boxes[:1], 2.0, 6, 6).tolist() == [[0, 0, 6, 5]]
+    # Growing past the border is clipped to the image.
+    # x -1..2 -> 0..2, y 4..7 -> 4..6.
+    assert expand_boxes(boxes[1:2], 3.0, 6, 6).tolist() == [[0, 4, 2, 6]]
+
+
+def test_crop_identity_resize_equals_hand_crop():
+    image = small_image()
+    mask = torch.zeros(1, 6, 6, dtype=torch.bool)
+    mask[0, 1:4, 2:5] = True
+    mask[0, 1, 2] = False  # a hole inside the box takes the fill colour
+    crop = crop_masked_regions(image, mask, size=3, expand_ratio=1.0, fill=FILL)[0]
+    expected = image[:, 1:4, 2:5].clone()
+    expected[:, 0, 0] = torch.tensor(FILL)
+    torch.testing.assert_close(crop, expected, atol=1e-4, rtol=0)
+
+
+def test_crop_expanded_and_resized_matches_interpolate():
+    image = small_image()
+    mask = torch.zeros(1, 6, 6, dtype=torch.bool)
+    mask[0, 1:4, 2:5] = True
+    crop = crop_masked_regions(image, mask, size=8, expand_ratio=2.0, fill=FILL)[0]
+    region = torch.tensor(FILL).view(3, 1, 1).expand(3, 5, 6).clone()  # expanded box x 0:6, y 0:5
+    region[:, 1:4, 2:5] = image[:, 1:4, 2:5]
+    expected = F.interpolate(region[None], size=(8, 8), mode="bicubic", align_corners=True)[0]
+    torch.testing.assert_close(crop, expected)
+
+
+def test_crop_rejects_empty_and_bad_shapes():
+    image = small_image()
+    with pytest.raises(ValueError, match="empty"):
+        crop_masked_regions(image, torch.zeros(2, 6, 6, dtype=torch.bool), 4, 1.0, FILL)
+    with pytest.raises(ValueError, match="masks must be"):
+        crop_masked_regions(image, torch.ones(2, 5, 6, dtype=torch.bool), 4, 1.0, FILL)
+    assert crop_masked_regions(image, torch.zeros(0, 6, 6, dtype=torch.bool), 4, 1.0, FILL).shape == (0, 3, 4, 4)
+
+
+@pytest.mark.parametrize("num_masks", [0, 1, 100])
+def test_region_classifier_counts(num_masks):
+    clip = tiny_clip()
+    torch.manual_seed(1)
+    image = torch.rand(3, 20, 24) * 255
+    mask_probs = torch.rand(num_masks, 20, 24) ** 4  # some pixels above 0.5 in almost every mask
+    if num_masks:
+        mask_probs[0] = 0.2  # one empty proposal
+    text = F.normalize(torch.randn(5, 16), dim=-1)
+    probs = RegionClassifier(clip, mask_threshold=0.5, expand_ratio=1.0, chunk=7)(image, mask_probs, text)
+    assert probs.shape == (num_masks, 5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(num_masks))
+    if num_masks:
+        torch.testing.assert_close(probs[0], torch.full((5,), 0.2))
+
+
+def test_region_classifier_matches_direct_clip():
+    clip = tiny_clip()
+    torch.manual_seed(2)
+    image = torch.rand(3, 20, 24) * 255
+    mask_probs = torch.zeros(3, 20, 24)
+    mask_probs[0, 2:9, 3:15] = 0.9
+    mask_probs[1, 10:18, 1:5] = 0.7
+    mask_probs[2, 5:6, 20:22] = 0.6
+    text = F.normalize(torch.randn(4, 16), dim=-1)
+    probs = RegionClassifier(clip, mask_threshold=0.5, expand_ratio=1.0, chunk=2)(image, mask_probs, text)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255
+    crops = crop_masked_regions(image, mask_probs > 0.5, 16, 1.0, mean.flatten())
+    with torch.no_grad():
+        feats = F.normalize(clip.encode_image((crops - mean) / std), dim=-1)
+    torch.testing.assert_close(probs, (100 * feats @ text.t()).softmax(-1), atol=1e-5, rtol=1e-4)
+    # Pixels outside the mask are filled with CLIP's mean, so they are zero once normalised.
+    grown = crop_masked_regions(image, mask_probs[2:] > 0.5, 16, 3.0, mean.flatten())
+    assert ((grown - mean) / std)[0, :, 0, 0].abs().max() < 1e-4
+
+
+def test_geometric_ensemble_by_hand():
+    p_mask = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]])
+    p_clip = torch.tensor([[0.2, 0.2, 0.6], [0.7, 0.2, 0.1]])
+    unseen = torch.tensor([False, True, False])
+    out = geometric_ensemble(p_mask, p_clip, unseen, w_seen=0.2, w_unseen=0.8)
+    # seen class 0: 0.5^0.8 * 0.2^0.2; unseen class 1: 0.25^0.2 * 0.2^0.8.
+    assert math.isclose(out[0, 0].item(), 0.5 ** 0.8 * 0.2 ** 0.2, rel_tol=1e-6)
+    assert math.isclose(out[0, 1].item(), 0.25 ** 0.2 * 0.2 ** 0.8, rel_tol=1e-6)
+    assert math.isclose(out[1, 1].item(), 0.6 ** 0.2 * 0.2 ** 0.8, rel_tol=1e-6)
+    assert math.isclose(out[1, 2].item(), 0.3 ** 0.8 * 0.1 ** 0.2, rel_tol=1e-6)
+    # w = 0 keeps the mask classifier, w = 1 takes CLIP.
+    torch.testing.assert_close(geometric_ensemble(p_mask, p_clip, unseen, 0.0, 1.0)[:, 1], p_clip[:, 1])
+    torch.testing.assert_close(geometric_ensemble(p_mask, p_clip, unseen, 0.0, 1.0)[:, 0], p_mask[:, 0])
+    with pytest.raises(ValueError, match="shapes differ"):
+        geometric_ensemble(p_mask, p_clip[:, :2], unseen, 0.2, 0.8)
