@@ -1,0 +1,114 @@
+"""Micro-benchmarks. `python -m freeseg.bench msda [--threads 2] [--repeat 5]`.
+
+msda: multi-scale deformable attention at the size of FreeSeg's pixel-decoder encoder layer
+(DESIGN.md section 2; Deformable DETR's defaults as used by Mask2Former): batch 1, a 640x640
+input gives res3..res5 maps of 80x80, 40x40 and 20x20 (strides 8, 16, 32), S = 8400 tokens,
+every token is a query (Lq = S), 8 heads, 4 points per level, head dim 32 (256 channels / 8).
+Prints the median time of forward and forward+backward for each available backend, the
+speed-ups over the PyTorch reference on the same device, and the largest difference of the
+output and of the three gradients from the reference (float32: expect ~1e-5 relative; the
+location gradients are in units of 1/W, so their absolute values and differences are large).
+"""
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from freeseg.ops.ms_deform_attn import kernel_available, ms_deform_attn
+
+
+def encoder_inputs(device: str, seed: int = 0) -> tuple:
+    """Random inputs of one encoder layer at 640x640: locations in [0, 1], softmaxed weights."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor([[80, 80], [40, 40], [20, 20]])
+    starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+    B, S, M, D, L, P = 1, int((shapes[:, 0] * shapes[:, 1]).sum()), 8, 32, 3, 4
+    value = torch.randn(B, S, M, D, generator=gen)  # (B, S, M, D)
+    locations = torch.rand(B, S, M, L, P, 2, generator=gen)  # (B, Lq, M, L, P, 2)
+    weights = torch.randn(B, S, M, L * P, generator=gen).softmax(-1).view(B, S, M, L, P)
+    return tuple(t.to(device) for t in (value, shapes, starts, locations, weights))
+
+
+def median_seconds(fn: Callable[[], None], repeat: int, device: str) -> float:
+    """Median wall time of `fn` over `repeat` runs after one warm-up run."""
+    times = []
+    for run in range(repeat + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if run > 0:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_backend(backend: str, device: str, repeat: int) -> dict:
+    value, shapes, starts, locations, weights = encoder_inputs(device)
+    grad_out = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3],
+                           generator=torch.Generator().manual_seed(1)).to(device)  # (B, Lq, M*D)
+    leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
+
+    def forward() -> None:
+        with torch.no_grad():
+            ms_deform_attn(value, shapes, starts, locations, weights, backend=backend)
+
+    def forward_backward() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], backend=backend)
+        out.backward(grad_out)
+
+    result = {"forward": median_seconds(forward, repeat, device),
+              "forward_backward": median_seconds(forward_backward, repeat, device)}
+    out = ms_deform_attn(value, shapes, starts, locations, weights, backend=backend)
+    result["tensors"] = [out.detach().cpu()] + [leaf.grad.cpu() for leaf in leaves]
+    return result
+
+
+def bench_msda(threads: int, repeat: int) -> None:
+    torch.set_num_threads(threads)
+    runs = [("pytorch", "cpu")]
+    if kernel_available("cpu"):
+        runs.append(("cpu", "cpu"))
+    if torch.cuda.is_available():
+        runs.append(("pytorch", "cuda"))
+        if kernel_available("cuda"):
+            runs.append(("cuda", "cuda"))
+    print(f"ms_deform_attn, batch 1, levels 80x80 40x40 20x20 (S = Lq = 8400), 8 heads, 4 points, D 32, "
+          f"float32; {threads} CPU thread(s), median of {repeat}")
+    if not kernel_available("cpu"):
+        print("(CPU kernel not built: only the reference is timed)")
+    header = (f"{'backend':<10}{'device':<8}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd x':>7}{'fwd+bwd x':>11}"
+              "   max |diff| vs reference (out, grad value, grad loc, grad weight)")
+    print(header)
+    print("-" * len(header))
+    baseline = {}
+    for backend, device in runs:
+        result = run_backend(backend, device, repeat)
+        if backend == "pytorch":
+            baseline[device] = result
+        ref = baseline[device]
+        speedup = {key: ref[key] / result[key] for key in ("forward", "forward_backward")}
+        diffs = ", ".join(f"{(a - b).abs().max().item():.1e}" for a, b in zip(result["tensors"], ref["tensors"]))
+        print(f"{backend:<10}{device:<8}{result['forward'] * 1e3:>9.1f}{result['forward_backward'] * 1e3:>12.1f}"
+              f"{speedup['forward']:>6.1f}x{speedup['forward_backward']:>10.1f}x   {diffs}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    msda = sub.add_parser("msda", help="multi-scale deformable attention: reference vs kernels")
+    msda.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    msda.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (median)")
+    args = parser.parse_args()
+    if args.bench == "msda":
+        bench_msda(args.threads, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
