@@ -91,6 +91,7 @@ class InteractionConfig:
     attn_dim: int = 2048  # q/k/v projection width (official keys: interaction.attn.q_proj 2048)
     num_heads: int = 8
     layer_scale_init: float = 0.1  # gamma, initialised small so training starts near identity
+    dropout: float = 0.1  # attention dropout (official interaction module)
 
 
 @dataclass
@@ -115,6 +116,7 @@ class ModelConfig:
     pixel_mean: tuple[float, ...] = (123.675, 116.280, 103.530)
     pixel_std: tuple[float, ...] = (58.395, 57.120, 57.375)
     logit_scale: float = 100.0  # cosine similarity x 100, as CLIP's learned scale at convergence
+    size_divisibility: int = 32  # pad inputs to a multiple of the backbone's output stride
 
 
 @dataclass
@@ -262,9 +264,9 @@ def _toy() -> Config:
     cfg.model.decoder = DecoderConfig(
         hidden_dim=64, num_queries=20, num_layers=3, num_heads=4, ffn_dim=128, class_mlp_hidden=128
     )
-    cfg.model.interaction = InteractionConfig(attn_dim=128, num_heads=4)
+    cfg.model.interaction = InteractionConfig(attn_dim=128, num_heads=4, dropout=0.0)
     cfg.model.prompt = PromptConfig(class_ctx=4, task_ctx=2)
-    cfg.model.clip = ClipConfig(name="")
+    cfg.model.clip = ClipConfig(name="", context_length=16)  # toy captions are short
     cfg.loss = LossConfig()
     # The toy CLIP sees 64x64 crops; boxes grown 1.5x classify far better (shared/DESIGN.md, sec. 4).
     cfg.inference = InferenceConfig(mask_expand_ratio=1.5, clip_chunk=64, instance_topk=20)

@@ -156,7 +156,9 @@ def build_freeseg(cfg: Config, clip_model: nn.Module, tokenizer) -> FreeSeg:
                              f"serves both (got {m.pixel_decoder.conv_dim} and {m.pixel_decoder.mask_dim})")
         interaction = SemanticContextInteraction(dim=m.pixel_decoder.conv_dim, text_dim=embed_dim,
                                                  attn_dim=m.interaction.attn_dim, num_heads=m.interaction.num_heads,
-                                                 layer_scale_init=m.interaction.layer_scale_init)
+                                                 layer_scale_init=m.interaction.layer_scale_init,
+                                                 dropout=m.interaction.dropout)
     return FreeSeg(backbone=backbone, pixel_decoder=pixel_decoder, interaction=interaction, decoder=decoder,
                    prompt_learner=build_prompts(m.prompt, clip_model, tokenizer), clip_model=clip_model,
-                   pixel_mean=tuple(m.pixel_mean), pixel_std=tuple(m.pixel_std), logit_scale=m.logit_scale)
+                   pixel_mean=tuple(m.pixel_mean), pixel_std=tuple(m.pixel_std), logit_scale=m.logit_scale,
+                   size_divisibility=m.size_divisibility)
