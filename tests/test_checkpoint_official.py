@@ -1,26 +1,34 @@
-"""Official FreeSeg checkpoint converter: our full-size modules have exactly the official keys.
+"""Official FreeSeg checkpoint converter: the official layout fills our full-size model exactly.
 
-The official key list (shared/data/official_freeseg_r101c_keys.tsv, 1,167 entries with shapes)
-is the ground truth: renaming its backbone / pixel-decoder / predictor lines must give exactly
-the names and shapes of our R101c backbone, pixel decoder and transformer decoder.
+The official key list (tests/data/official_freeseg_r101c_keys.tsv, 1,167 entries with shapes) is
+the ground truth. Fast tests work on names and shapes (meta tensors: no memory, no init cost);
+the slow test writes a random checkpoint in that exact layout (about 0.9 GB float32), converts
+it with the command-line tool, loads the result through evaluate.py's `load_model` (strict), and
+compares values, the prompt text features and CLIP image features with OpenAI's reference code.
 """
 
 import pathlib
+import pickle
 
+import numpy as np
 import pytest
 import torch
 
-from freeseg.config import BackboneConfig, DecoderConfig, PixelDecoderConfig
-from freeseg.modeling.backbone import ResNet
-from freeseg.modeling.checkpoint_official import convert_official_state_dict, official_to_ours
-from freeseg.modeling.pixel_decoder import build_pixel_decoder
-from freeseg.modeling.transformer_decoder import build_transformer_decoder
+from freeseg.clip import CLIP, CLIP_MEAN, CLIP_STD, default_tokenizer
+from freeseg.config import get_preset
+from freeseg.modeling.checkpoint_official import (SKIPPED, convert_official_checkpoint, convert_official_state_dict,
+                                                  main, official_to_ours, read_official_checkpoint)
+from freeseg.modeling.freeseg import build_freeseg
 
 ROOT = pathlib.Path(__file__).resolve().parent
 CANDIDATES = [ROOT / "data" / "official_freeseg_r101c_keys.tsv",
               ROOT.parent.parent / "shared" / "data" / "official_freeseg_r101c_keys.tsv"]
 TSV = next((p for p in CANDIDATES if p.exists()), None)
-OURS = ("backbone.", "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor.")
+needs_tsv = pytest.mark.skipif(TSV is None,
+                               reason="official_freeseg_r101c_keys.tsv not found (tests/data or ../shared/data)")
+# ViT-B/16 as OpenAI's CLIP(...) takes it: the CLIP inside the official COCO model.
+VIT_B16 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
+               context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
 
 
 def official_keys() -> dict[str, tuple[int, ...]]:
@@ -33,30 +41,40 @@ def official_keys() -> dict[str, tuple[int, ...]]:
     return keys
 
 
-@pytest.mark.skipif(TSV is None, reason="official_freeseg_r101c_keys.tsv not found (tests/data or ../shared/data)")
-def test_converted_keys_match_our_modules():
-    official = official_keys()
-    assert len(official) == 1167
-    # Build on the meta device: only names and shapes matter here, no memory, no init cost.
-    with torch.device("meta"):
-        bb_cfg = BackboneConfig()
-        backbone = ResNet(depth=bb_cfg.depth, stem=bb_cfg.stem, width=bb_cfg.width,
-                          res5_multi_grid=bb_cfg.res5_multi_grid, stride_in_1x1=bb_cfg.stride_in_1x1,
-                          norm="frozen_bn")
-        pd_cfg = PixelDecoderConfig()
-        pixel_decoder = build_pixel_decoder(pd_cfg, backbone.out_channels, backbone.out_strides)
-        decoder = build_transformer_decoder(DecoderConfig(), pd_cfg.conv_dim, pd_cfg.mask_dim, embed_dim=512)
-    ours = {}
-    for prefix, module in (("backbone.", backbone), ("pixel_decoder.", pixel_decoder), ("transformer_decoder.", decoder)):
-        ours.update({prefix + k: tuple(v.shape) for k, v in module.state_dict().items()})
+def official_constants() -> dict[str, torch.Tensor]:
+    """The buffers whose values the official code fixes (MaskFormerClipAdapter, SetCriterion)."""
+    return {"clip_adapter.pixel_mean": torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0,
+            "clip_adapter.pixel_std": torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0,
+            "criterion.empty_weight": torch.cat([torch.ones(156), torch.tensor([0.1])])}
 
-    fake = {k: torch.empty(shape, device="meta") for k, shape in official.items()}
-    converted, unmapped = convert_official_state_dict(fake)
+
+def meta_official() -> dict[str, torch.Tensor]:
+    """Every official key with its shape, on the meta device, except the three small constants."""
+    state = {k: torch.empty(shape, device="meta") for k, shape in official_keys().items()}
+    return state | official_constants()
+
+
+@needs_tsv
+def test_converted_keys_fill_our_full_model():
+    official = meta_official()
+    assert len(official) == 1167
+    converted, report = convert_official_checkpoint(official)
+    with torch.device("meta"):  # our full-size model, built independently of the converter
+        model = build_freeseg(get_preset("coco"), CLIP(**VIT_B16), default_tokenizer())
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     mine = {k: tuple(v.shape) for k, v in converted.items()}
-    assert sum(k.startswith(OURS) for k in official) == len(mine) == len(ours) == 842
-    assert mine == ours  # same names, same shapes
-    # What is left is exactly the part other components map: CLIP, prompts, interaction, criterion.
-    assert unmapped and all(k.startswith(("clip_adapter.", "sem_seg_head.interaction.", "criterion.")) for k in unmapped)
+    assert mine == ours  # same names, same shapes: nothing missing, nothing extra
+    # Every official key used exactly once: 1,164 renamed (injective) + 3 skipped = 1,167.
+    assert len(mine) == len(ours) == 1164
+    assert sorted(report["skipped"]) == sorted(SKIPPED) and len(SKIPPED) == 3
+    assert report["official_keys"] == 1167 and report["converted_keys"] == 1164
+    assert report["train_classes"] == 156 and report["no_object_weight"] == pytest.approx(0.1)
+    assert report["not_float32_in_source"] == [] and report["prompt_buffers_match_clip"] is None
+    per_part = {}
+    for k in mine:
+        per_part[k.split(".")[0]] = per_part.get(k.split(".")[0], 0) + 1
+    assert per_part == {"backbone": 530, "pixel_decoder": 117, "decoder": 195, "interaction": 13,
+                        "clip_model": 302, "prompt_learner": 6, "non_object_embedding": 1}
 
 
 def test_rename_examples():
@@ -67,5 +85,127 @@ def test_rename_examples():
     assert (official_to_ours("sem_seg_head.pixel_decoder.transformer.encoder.layers.5.self_attn.value_proj.bias")
             == "pixel_decoder.transformer.layers.5.self_attn.value_proj.bias")
     assert official_to_ours("sem_seg_head.pixel_decoder.adapter_1.norm.weight") == "pixel_decoder.adapter_1.1.weight"
-    assert official_to_ours("sem_seg_head.predictor.query_feat.weight") == "transformer_decoder.query_feat.weight"
-    assert official_to_ours("clip_adapter.clip_model.logit_scale") is None
+    assert official_to_ours("sem_seg_head.predictor.query_feat.weight") == "decoder.query_feat.weight"
+    assert official_to_ours("sem_seg_head.interaction.attn.q_proj.weight") == "interaction.attn.q_proj.weight"
+    assert official_to_ours("clip_adapter.clip_model.logit_scale") == "clip_model.logit_scale"
+    assert (official_to_ours("clip_adapter.clip_model.visual.transformer.resblocks.11.ln_2.bias")
+            == "clip_model.visual.transformer.resblocks.11.ln_2.bias")
+    assert official_to_ours("clip_adapter.prompt_learner.pad_signal") == "prompt_learner.pad_signal"
+    assert official_to_ours("clip_adapter.non_object_embedding") == "non_object_embedding"
+    for name in SKIPPED:
+        assert official_to_ours(name) is None
+
+
+@needs_tsv
+def test_bad_checkpoints_name_the_keys():
+    with pytest.raises(ValueError, match=r"1 keys have no rule .*\['clip_adapter.text_feature_buffer'\]"):
+        convert_official_checkpoint(meta_official() | {"clip_adapter.text_feature_buffer": torch.zeros(1)})
+    # An official suffix prompt (a config with PROMPT_SHAPE (16, 4)) has no place in our learner.
+    with pytest.raises(ValueError, match=r"unexpected \['clip_adapter.prompt_learner.suffix_prompt -> prompt_lear"):
+        convert_official_checkpoint(meta_official() | {"clip_adapter.prompt_learner.suffix_prompt": torch.zeros(4, 5)})
+    without = meta_official()
+    del without["sem_seg_head.interaction.gamma"]
+    with pytest.raises(ValueError, match=r"missing \['interaction.gamma'\]"):
+        convert_official_checkpoint(without)
+    with pytest.raises(ValueError, match=r"non_object_embedding: \(1, 256\) vs ours \(1, 512\)"):
+        convert_official_checkpoint(meta_official() | {"clip_adapter.non_object_embedding": torch.zeros(1, 256)})
+    # Another normalisation (here detectron2's ImageNet mean) cannot be represented: refuse.
+    imagenet = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    with pytest.raises(ValueError, match="clip_adapter.pixel_mean"):
+        convert_official_checkpoint(meta_official() | {"clip_adapter.pixel_mean": imagenet})
+
+
+def test_reads_pickled_numpy_and_torch_files(tmp_path):
+    arrays = {"clip_adapter.non_object_embedding": np.arange(4, dtype=np.float16).reshape(1, 4),
+              "clip_adapter.prompt_learner.task_prompt": np.ones((2, 4), dtype=np.float32)}
+    with open(tmp_path / "m.pkl", "wb") as f:
+        pickle.dump({"model": arrays, "__author__": "someone"}, f)
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in arrays.items()}, "iteration": 9}, tmp_path / "m.pth")
+    for name in ("m.pkl", "m.pth"):
+        converted, unmapped = convert_official_state_dict(read_official_checkpoint(tmp_path / name))
+        assert unmapped == []
+        assert converted["non_object_embedding"].dtype == torch.float32  # fp16 is widened
+        assert converted["non_object_embedding"].tolist() == [[0.0, 1.0, 2.0, 3.0]]
+        assert torch.equal(converted["prompt_learner.task_prompt"], torch.ones(2, 4))
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="list.pth"):
+        read_official_checkpoint(tmp_path / "list.pth")
+    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+        read_official_checkpoint(tmp_path / "nothing.pth")
+
+
+def reference_prompt_features(official: dict, names: list[str],
+                              task_sentence: str) -> tuple[torch.Tensor, torch.nn.Module]:
+    """Text features of the official prompt sequences (text_prompt.py `LearnablePromptExtractor`:
+    [task tokens][task_prompt][start][prefix_prompt][name tokens][dot][end][pad to 77]), through
+    OpenAI's reference CLIP built from the official checkpoint's CLIP tensors -> ((K, E), that CLIP)."""
+    import clip as openai_clip
+    from clip import model as reference
+
+    ref = reference.CLIP(*VIT_B16.values()).eval()
+    ref.load_state_dict({k[len("clip_adapter.clip_model."):]: v for k, v in official.items()
+                         if k.startswith("clip_adapter.clip_model.")})
+    p = {k.split(".")[-1]: v for k, v in official.items() if k.startswith("clip_adapter.prompt_learner.")}
+
+    def words(text):  # token embeddings without SOS/EOT, as the official code cuts them
+        tokens = openai_clip.tokenize([text])[0]
+        return ref.token_embedding(tokens[1:int(tokens.argmax())])
+
+    head = torch.cat([words(task_sentence), p["task_prompt"], p["start_signal"], p["prefix_prompt"]])
+    rows, eot = [], []
+    for name in names:
+        seq = torch.cat([head, words(name), p["dot_signal"], p["end_signal"]])
+        eot.append(len(seq) - 1)
+        rows.append(torch.cat([seq, p["pad_signal"].expand(77 - len(seq), -1)]))
+    x = torch.stack(rows) + ref.positional_embedding  # (K, 77, C)
+    x = ref.ln_final(ref.transformer(x.permute(1, 0, 2)).permute(1, 0, 2))
+    x = x[torch.arange(len(names)), eot] @ ref.text_projection  # (K, E)
+    return x / x.norm(dim=-1, keepdim=True), ref
+
+
+@needs_tsv
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:pkg_resources is deprecated:UserWarning")
+def test_random_official_checkpoint_end_to_end(tmp_path):
+    pytest.importorskip("clip.model", reason="clip-anytorch (the reference CLIP) is not installed")
+    from freeseg.evaluation.runner import load_model
+
+    gen = torch.Generator().manual_seed(0)
+    official = {k: 0.02 * torch.randn(shape, generator=gen) for k, shape in official_keys().items()}
+    official |= official_constants()
+    source, out = tmp_path / "model_final.pth", tmp_path / "freeseg_coco.pt"
+    torch.save({"model": official, "iteration": 59999}, source)
+    del official
+    report = main([str(source), str(out)])
+    assert report["converted_keys"] == 1164 and sorted(report["skipped"]) == sorted(SKIPPED)
+    assert report["prompt_buffers_match_clip"] is False  # random buffers, not CLIP's token embeddings
+
+    model, cfg, _ = load_model(out)  # what evaluate.py --checkpoint does: strict load_state_dict
+    assert cfg.train.stage == "alltask"
+    official = torch.load(source, mmap=True, weights_only=True)["model"]
+    ours = model.state_dict()
+    filled = {official_to_ours(k) for k in official if k not in SKIPPED}
+    assert filled == set(ours)  # every key of our model filled, each from its own official key
+    for k, v in official.items():
+        if k not in SKIPPED:
+            assert torch.equal(ours[official_to_ours(k)], v), k
+    # Spot checks by value, with the names spelled out.
+    spots = {"clip_adapter.prompt_learner.prefix_prompt": model.prompt_learner.prefix_prompt,
+             "sem_seg_head.interaction.gamma": model.interaction.gamma,
+             "backbone.stem.conv1.weight": model.backbone.stem.conv1.weight,
+             "backbone.res4.22.conv3.norm.running_var": model.backbone.layer3[22].bn3.running_var,
+             "sem_seg_head.predictor.query_feat.weight": model.decoder.query_feat.weight,
+             "clip_adapter.non_object_embedding": model.non_object_embedding,
+             "clip_adapter.clip_model.visual.conv1.weight": model.clip_model.visual.conv1.weight}
+    for k, v in spots.items():
+        assert torch.equal(v, official[k]), k
+
+    # The converted model gives the official outputs of its text and image towers.
+    names = ["cow", "playingfield", "wall-concrete"]
+    with torch.no_grad():
+        expected, ref = reference_prompt_features(official, names, "semantic segmentation.")
+        got = model.text_features(names, "semantic")
+        assert (got - expected).abs().max().item() < 1e-5
+        images = torch.randn(2, 3, 224, 224, generator=gen)
+        a, b = model.clip_model.encode_image(images), ref.encode_image(images)
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
