@@ -266,7 +266,9 @@ def _toy() -> Config:
     )
     cfg.model.interaction = InteractionConfig(attn_dim=128, num_heads=4, dropout=0.0)
     cfg.model.prompt = PromptConfig(class_ctx=4, task_ctx=2)
-    cfg.model.clip = ClipConfig(name="", context_length=16)  # toy captions are short
+    # Toy captions are short; 24 tokens also hold a full prompt (task words + 2 task vectors +
+    # SOS + 4 class vectors + class words + "." + EOT).
+    cfg.model.clip = ClipConfig(name="", context_length=24)
     cfg.loss = LossConfig()
     # The toy CLIP sees 64x64 crops; boxes grown 1.5x classify far better (shared/DESIGN.md, sec. 4).
     cfg.inference = InferenceConfig(mask_expand_ratio=1.5, clip_chunk=64, instance_topk=20)

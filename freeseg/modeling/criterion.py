@@ -63,14 +63,23 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 1 - (numerator + 1) / (denominator + 1)
 
 
+def rank_average(value: torch.Tensor) -> torch.Tensor:
+    """`value` summed over ranks and divided by the world size (itself in a single process).
+
+    A loss normalised by this average and then averaged over ranks by DDP equals the loss of
+    one process holding the whole batch.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value = value / torch.distributed.get_world_size()
+    return value
+
+
 def average_num_masks(targets: list[dict], device: torch.device) -> float:
     """Number of target masks per rank: the batch total, averaged over ranks, at least 1."""
     num = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    world = 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(num)
-        world = torch.distributed.get_world_size()
-    return max(num.item() / world, 1.0)
+    return max(rank_average(num).item(), 1.0)
 
 
 class SetCriterion(nn.Module):
@@ -114,8 +123,11 @@ class SetCriterion(nn.Module):
             target_classes[b, pred_idx.to(logits.device)] = targets[b]["labels"][tgt_idx].to(logits.device)
         weight = torch.ones(K1, dtype=at_least_float32(logits).dtype, device=logits.device)
         weight[-1] = self.no_object_weight
-        # cross_entropy wants classes on dim 1; with `weight` its mean is sum(w_i l_i) / sum(w_i).
-        return F.cross_entropy(at_least_float32(logits).transpose(1, 2), target_classes, weight)  # (B, K+1, Q)
+        # sum_i w_i l_i / sum_i w_i over the GLOBAL batch: the weight total is averaged over ranks
+        # like the mask count (F.cross_entropy's own mean would normalise each rank separately).
+        total = F.cross_entropy(at_least_float32(logits).transpose(1, 2), target_classes, weight,
+                                reduction="sum")  # classes on dim 1: (B, K+1, Q)
+        return total / rank_average(weight[target_classes].sum().detach())
 
     def loss_masks(
         self, mask_logits: torch.Tensor, targets: list[dict], indices: list, num_masks: float

@@ -1,0 +1,47 @@
+"""Evaluate a FreeSeg checkpoint: semantic mIoU, panoptic PQ and instance AP, seen vs unseen.
+
+    python evaluate.py                                   # the latest toy-world run
+    python evaluate.py --checkpoint runs/coco/alltask/checkpoint.pt --out results.json
+    python evaluate.py --checkpoint ckpt.pt --dataset voc --tasks semantic     # cross-dataset
+    torchrun --nproc_per_node=8 evaluate.py --checkpoint ckpt.pt --ttpt
+
+Scores are percentages. "seen"/"unseen" follow the evaluated dataset's split
+(freeseg/data/categories.py); mIoU_seen, mIoU_unseen and hIoU are computed over all classes
+of the vocabulary at once (the "standard protocol" of shared/DESIGN.md section 2), not over
+unseen classes alone. `--out` writes the JSON of shared/DESIGN.md section 5.
+"""
+
+import argparse
+from pathlib import Path
+
+from freeseg import distributed as dist
+from freeseg.evaluation.runner import evaluate_checkpoint
+
+TOY_CHECKPOINT = Path("runs/toy/alltask/checkpoint.pt")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=str(TOY_CHECKPOINT), help="all-task checkpoint (default: the toy run)")
+    p.add_argument("--data-root", default=None, help="datasets root (default: the one the model was trained with)")
+    p.add_argument("--dataset", default=None, choices=["coco", "voc", "ade", "toy"],
+                   help="evaluate on this dataset and its vocabulary (default: the training dataset)")
+    p.add_argument("--split", default=None, help="prepared split (default: val)")
+    p.add_argument("--tasks", nargs="+", choices=["semantic", "instance", "panoptic"], default=None)
+    p.add_argument("--ttpt", action="store_true", help="test-time prompt tuning for the unseen classes")
+    p.add_argument("--ablation", action="store_true", help="also score mask-classifier-only and TTPT rows")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--out", default=None, help="results JSON (written atomically)")
+    args = p.parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        hint = " (run `python train.py --dataset toy` first)" if args.checkpoint == str(TOY_CHECKPOINT) else ""
+        raise SystemExit(f"checkpoint {args.checkpoint} not found{hint}")
+    device = dist.init_distributed()[3]
+    evaluate_checkpoint(args.checkpoint, out=args.out, data_root=args.data_root, dataset=args.dataset,
+                        split=args.split, tasks=args.tasks, ablation=args.ablation, ttpt=args.ttpt,
+                        max_images=args.max_images, device=str(device))
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    main()

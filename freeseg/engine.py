@@ -1,0 +1,270 @@
+"""What the training loops in `train.py` share: data order, optimisers, schedules, checkpoints.
+
+The loops themselves stay in `train.py`, written out step by step. This module holds the
+pieces they have in common, each a plain function:
+
+- `IterationSampler`: the data order as a pure function of (seed, iteration). Every rank
+  computes the same global batch for iteration `i` and takes its slice, so a run resumed at
+  iteration `i` sees exactly the data an uninterrupted run would, and 2 processes with batch 2
+  see the same images as 1 process with batch 4. Augmentation seeds come from the same place.
+- `build_optimizer` / `lr_factor`: AdamW with a backbone multiplier or SGD; poly or cosine
+  schedules with constant warm-up (detectron2's `WarmupPolyLR` / `WarmupCosineLR` semantics).
+- `save_checkpoint` / `load_checkpoint`: atomic writes; model, optimiser, iteration, config.
+- `load_clip`: an OpenAI CLIP (name or file) or the toy world's own tiny CLIP checkpoint.
+"""
+
+import json
+import math
+import os
+import pickle
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from freeseg import distributed as dist
+from freeseg.config import Config, TrainConfig
+
+
+# ---------------------------------------------------------------- data order
+
+
+class IterationSampler(torch.utils.data.Sampler):
+    """Yields, for each iteration, this rank's list of `(dataset index, augmentation seed)`.
+
+    The global batch of iteration `i` covers positions `i*B ... i*B+B-1` of an endless stream
+    made of one random permutation of the dataset per epoch, each permutation seeded by
+    `(seed, epoch)`. Rank `r` of `W` takes the `r`-th of `W` equal slices.
+    """
+
+    def __init__(self, size: int, global_batch: int, seed: int, start_iter: int = 0,
+                 num_iters: int | None = None, rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f"batch size {global_batch} is not divisible by {world_size} processes")
+        if size == 0:
+            raise ValueError("the training set is empty")
+        self.size, self.batch, self.seed = size, global_batch, seed
+        self.start, self.stop = start_iter, num_iters
+        self.rank, self.per_rank = rank, global_batch // world_size
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.size)}
+        return self._perms[epoch]
+
+    def batch_at(self, it: int) -> list[tuple[int, int]]:
+        first = it * self.batch + self.rank * self.per_rank
+        out = []
+        for pos in range(first, first + self.per_rank):
+            index = int(self._perm(pos // self.size)[pos % self.size])
+            out.append((index, self.seed * 1_000_003 + pos))  # a distinct augmentation seed per draw
+        return out
+
+    def __iter__(self):
+        it = self.start
+        while self.stop is None or it < self.stop:
+            yield self.batch_at(it)
+            it += 1
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) if self.stop is not None else 2**31
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Items are `transform(base[index], rng)` with `rng` seeded by the sampler's augmentation seed."""
+
+    def __init__(self, base, transform=None):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        sample = self.base[index]
+        if self.transform is not None:
+            sample = self.transform(sample, np.random.default_rng(seed))
+        return sample
+
+
+def as_list(batch: list) -> list:
+    """Samples stay a list (their sizes and segment counts differ); a named function pickles."""
+    return batch
+
+
+def make_loader(dataset, cfg: Config, start_iter: int, collate_fn=None) -> torch.utils.data.DataLoader:
+    sampler = IterationSampler(
+        len(dataset), cfg.train.batch_size, cfg.train.seed, start_iter, cfg.train.iterations,
+        dist.get_rank(), dist.get_world_size(),
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        collate_fn=collate_fn or as_list, persistent_workers=cfg.data.num_workers > 0,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, backbone_prefix: str = "backbone.") -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters of `model`; the backbone gets `backbone_lr_mult` x lr.
+
+    Parameters of normalisation layers and embeddings get no weight decay, as in the official
+    optimiser (Mask2Former/FreeSeg `build_optimizer`: WEIGHT_DECAY_NORM = WEIGHT_DECAY_EMBED = 0).
+    """
+    no_decay_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm,
+                      torch.nn.Embedding)
+    groups: dict[tuple[float, float], list] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{module_name}.{name}" if module_name else name
+            lr = train.lr * (train.backbone_lr_mult if full.startswith(backbone_prefix) else 1.0)
+            # A scalar (CLIP's logit scale) is a temperature, not a weight: never decayed.
+            wd = 0.0 if isinstance(module, no_decay_types) or p.ndim == 0 else train.weight_decay
+            groups.setdefault((lr, wd), []).append(p)
+    param_groups = [{"params": ps, "lr": lr, "initial_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    if not param_groups:
+        raise ValueError("no trainable parameters")
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=train.lr)
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=train.lr, momentum=train.momentum)
+    raise ValueError(f"train.optimizer must be 'adamw' or 'sgd', got {train.optimizer!r}")
+
+
+def lr_factor(it: int, train: TrainConfig) -> float:
+    """Multiplier of the base learning rate at iteration `it` (0-based)."""
+    if train.schedule not in ("poly", "cosine"):
+        raise ValueError(f"train.schedule must be 'poly' or 'cosine', got {train.schedule!r}")
+    if it < train.warmup_iters:
+        return train.warmup_factor  # constant warm-up, as the official prompt-stage config
+    progress = min(it / max(train.iterations, 1), 1.0)
+    if train.schedule == "poly":
+        return (1.0 - progress) ** train.poly_power
+    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, **payload) -> None:
+    """Rank 0 writes `payload` atomically (a crash never leaves a half-written checkpoint)."""
+    if dist.is_main():
+        dist.atomic_torch_save(payload, str(path))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        raise ValueError(f"checkpoint {path} is unreadable (truncated or not a torch file): {err}") from err
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"checkpoint {path} has no 'model' entry: it was not written by train.py")
+    return ckpt
+
+
+def load_clip(name: str, device: str = "cpu"):
+    """(clip_model, tokenizer) for `cfg.model.clip.name`.
+
+    A file written by `train.py --stage clip` carries its own BPE merges; anything else goes
+    through `freeseg.clip.load` (OpenAI archives, plain state dicts, known model names) with
+    OpenAI's vocabulary.
+    """
+    from freeseg import clip
+
+    path = Path(name)
+    if path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(ckpt, dict) and "merges" in ckpt:
+            model = clip.build_model(ckpt["model"]).to(device)
+            return model, clip.Tokenizer(merges=[tuple(m) for m in ckpt["merges"]])
+    model, _ = clip.load(name, device=device)
+    return model, clip.default_tokenizer()
+
+
+# ---------------------------------------------------------------- logging
+
+
+class Logger:
+    """Rank-0 console lines and a JSON-lines file of every logged metric."""
+
+    def __init__(self, out_dir: Path, total_iters: int, start_iter: int):
+        self.path = out_dir / "metrics.jsonl"
+        self.total, self.start = total_iters, start_iter
+        self.t0 = time.perf_counter()
+
+    def log(self, it: int, metrics: dict[str, float]) -> None:
+        if not dist.is_main():
+            return
+        done = it + 1 - self.start
+        elapsed = time.perf_counter() - self.t0
+        speed = done / max(elapsed, 1e-9)
+        eta = (self.total - it - 1) / max(speed, 1e-9)
+        mem = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+        record = {"iter": it + 1, **{k: round(float(v), 6) for k, v in metrics.items()},
+                  "it_per_s": round(speed, 3), "eta_s": round(eta, 1), "mem_mb": round(mem, 1)}
+        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+        print(f"[{it + 1}/{self.total}] {text}", flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, it: int) -> None:
+        """On resume, forget records past the checkpoint so the file holds one clean curve."""
+        if not dist.is_main() or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["iter"] <= it]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+
+# ---------------------------------------------------------------- data parallel
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel under torchrun, the model itself otherwise."""
+    if dist.get_world_size() == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def average_gradients(module: torch.nn.Module) -> None:
+    """Mean of the gradients over ranks, for modules too small to be worth wrapping in DDP."""
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad.copy_(dist.all_reduce_sum(p.grad) / world)

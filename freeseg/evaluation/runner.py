@@ -1,0 +1,181 @@
+"""Run a trained FreeSeg over a prepared validation set and score every task.
+
+`evaluate_model` feeds each validation image through `freeseg.modeling.inference.predict`
+(pixel decoder once per image, then each task with its own task prompt) and accumulates
+the three evaluators. Ground truth is read at the original resolution: the semantic map,
+the panoptic PNG with its crowd flags, and the thing segments as instance masks.
+`evaluate_checkpoint` is what `evaluate.py` and the toy pipeline call; with `ablation=True`
+it also scores the mask classifier alone and the model with test-time prompt tuning, the
+ablation of the paper's Table 5 on whatever dataset is at hand.
+
+Under torchrun, rank r takes images r, r+W, ...; the evaluators are reduced before scoring.
+"""
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from freeseg import distributed as dist
+from freeseg.config import Config, InferenceConfig, from_dict
+from freeseg.evaluation.instance import InstanceEvaluator
+from freeseg.evaluation.panoptic import PanopticEvaluator
+from freeseg.evaluation.report import format_table, results_json, write_results
+from freeseg.evaluation.semantic import SemanticEvaluator
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """(model, cfg, tokenizer) from an all-task checkpoint written by train.py."""
+    from freeseg import clip
+    from freeseg.engine import load_checkpoint
+    from freeseg.modeling.freeseg import build_freeseg
+
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt:
+        raise ValueError(f"checkpoint {path} has no config: convert official checkpoints first")
+    cfg = from_dict(ckpt["config"], Config)
+    if cfg.train.stage != "alltask":
+        raise ValueError(f"checkpoint {path} is from the {cfg.train.stage!r} stage, not a FreeSeg model")
+    state = ckpt["model"]
+    clip_state = {k[len("clip_model."):]: v for k, v in state.items() if k.startswith("clip_model.")}
+    clip_model = clip.build_model(clip_state)
+    merges = ckpt.get("merges")
+    tokenizer = clip.Tokenizer(merges=[tuple(m) for m in merges]) if merges else clip.default_tokenizer()
+    model = build_freeseg(cfg, clip_model, tokenizer)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {path} does not fit the model its config describes "
+                         f"(another model size?): {err}") from err
+    return model.to(device).eval(), cfg, tokenizer
+
+
+def _panoptic_gt(root: Path, record: dict):
+    """(segment-id map (H, W) int64, segments) from the prepared COCO-style panoptic PNG."""
+    rgb = np.asarray(Image.open(root / record["panoptic_file"]).convert("RGB"), dtype=np.int64)
+    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]  # COCO panoptic id encoding
+    return torch.from_numpy(ids), record["segments"]
+
+
+@torch.no_grad()
+def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: dict[str, InferenceConfig],
+                   max_images: int | None = None) -> dict[str, dict]:
+    from freeseg.data.datasets import SegmentationDataset, load_meta
+    from freeseg.data.transforms import TestResize
+    from freeseg.modeling.inference import predict
+
+    cats = load_meta(prep)["categories"]
+    names = [c["name"] for c in cats]
+    unseen = torch.tensor([not c["seen"] for c in cats])
+    is_thing = torch.tensor([bool(c["isthing"]) for c in cats])
+    dataset = SegmentationDataset(prep, split, base=False)
+    records = dataset.records
+    if "panoptic" in tasks or "instance" in tasks:
+        if any(r.get("panoptic_file") is None for r in records):
+            raise ValueError(f"{prep}: {split} has no panoptic annotations; evaluate with --tasks semantic")
+    resize = TestResize(cfg.data.test_short_side)
+    count = len(records) if max_images is None else min(max_images, len(records))
+    evaluators = {
+        name: {"semantic": SemanticEvaluator(len(cats), seen=~unseen),
+               "panoptic": PanopticEvaluator(cats), "instance": InstanceEvaluator(cats)}
+        for name in variants
+    }
+    text_cache = {name: {} for name in variants}  # prompt features per (vocabulary, task), reused across images
+    start = time.perf_counter()
+    for i in range(dist.get_rank(), count, dist.get_world_size()):
+        sample, record = dataset[i], records[i]
+        h, w = sample["sem_seg"].shape
+        image = resize(sample, np.random.default_rng(0))["image"]
+        pan_gt = _panoptic_gt(prep.parent.parent, record) if record.get("panoptic_file") else None
+        for name, icfg in variants.items():
+            ev = evaluators[name]
+            out = predict(model, image, names, unseen, is_thing, tasks, icfg, out_size=(h, w),
+                          text_cache=text_cache[name])
+            if "semantic" in out:
+                ev["semantic"].update(out["semantic"].argmax(0), sample["sem_seg"])
+            if "panoptic" in out:
+                seg, info = out["panoptic"]
+                ev["panoptic"].update(seg, info, *pan_gt)
+            if "instance" in out:
+                things = [s for s in record["segments"] if s["isthing"]]
+                gt_ids, gt_segs = pan_gt
+                masks = torch.stack([gt_ids == s["id"] for s in things]) if things else torch.zeros(0, h, w, dtype=torch.bool)
+                ev["instance"].add_ground_truth(record["image_id"], masks,
+                                                torch.tensor([s["category_id"] for s in things], dtype=torch.long),
+                                                torch.tensor([bool(s["iscrowd"]) for s in things]))
+                ev["instance"].update(record["image_id"], out["instance"]["masks"], out["instance"]["scores"],
+                                      out["instance"]["labels"])
+        if dist.is_main() and (i // dist.get_world_size() + 1) % 50 == 0:
+            print(f"  evaluated {i + 1}/{count} images ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    results = {}
+    for name in variants:
+        ev = evaluators[name]
+        parts = {}
+        if "semantic" in tasks:
+            ev["semantic"].all_reduce()
+            parts["semantic"] = ev["semantic"].summary()
+        if "panoptic" in tasks:
+            ev["panoptic"].all_reduce()
+            parts["panoptic"] = ev["panoptic"].summary()
+        if "instance" in tasks:
+            ev["instance"].gather()
+            if dist.is_main():
+                parts["instance"] = ev["instance"].summary()
+        results[name] = results_json(**parts)
+    return results
+
+
+def ablation_variants(base: InferenceConfig, ablation: bool, ttpt: bool) -> dict[str, InferenceConfig]:
+    """The inference settings to score: the configured one, plus the ablation rows if asked."""
+    variants = {}
+    if ablation:
+        mask_only = copy.deepcopy(base)
+        mask_only.use_clip, mask_only.ttpt.enabled = False, False
+        variants["mask classifier only"] = mask_only
+    ensemble = copy.deepcopy(base)
+    ensemble.ttpt.enabled = False
+    variants["+ CLIP ensemble"] = ensemble
+    if ablation or ttpt:
+        tuned = copy.deepcopy(base)
+        tuned.ttpt.enabled = True
+        variants["+ test-time prompt tuning"] = tuned
+    return variants
+
+
+def evaluate_checkpoint(path: str | Path, out: str | Path | None = None, data_root: str | None = None,
+                        dataset: str | None = None, split: str | None = None, tasks=None,
+                        ablation: bool = False, ttpt: bool = False, max_images: int | None = None,
+                        device: str = "cpu") -> dict:
+    """Evaluate an all-task checkpoint; print the table; write `out` (the main row) atomically."""
+    from freeseg.data.categories import EVAL_CATEGORY_SET
+
+    model, cfg, _ = load_model(path, device)
+    root = Path(data_root or cfg.data.root)
+    dataset = dataset or cfg.data.dataset
+    split = split or cfg.data.val_split
+    tasks = tuple(tasks or (t for t in cfg.inference.tasks if t in EVAL_CATEGORY_SET[dataset]))
+    unknown = [t for t in tasks if t not in EVAL_CATEGORY_SET[dataset]]
+    if unknown:
+        raise ValueError(f"dataset {dataset!r} has no ground truth for {unknown}")
+    variants = ablation_variants(cfg.inference, ablation, ttpt)
+    # Each task is scored on its own category set (COCO: panoptic PQ on the 133 panoptic classes).
+    by_set: dict[str, list[str]] = {}
+    for task in tasks:
+        by_set.setdefault(EVAL_CATEGORY_SET[dataset][task], []).append(task)
+    results = {name: {} for name in variants}
+    for category_set, set_tasks in by_set.items():
+        part = evaluate_model(model, cfg, root / "freeseg" / category_set, split, tuple(set_tasks), variants,
+                              max_images)
+        for name in variants:
+            results[name].update(part[name])
+    main_row = "+ test-time prompt tuning" if ttpt else "+ CLIP ensemble"
+    if dist.is_main():
+        print(f"\n{dataset} {split}: {path}")
+        print(format_table(results))
+        if out is not None:
+            write_results(Path(out), results[main_row])
+    return results

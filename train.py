@@ -1,0 +1,403 @@
+"""Train FreeSeg: the tiny CLIP (toy world only), the prompt stage and the all-task stage.
+
+    python train.py --dataset toy                       # the whole miniature world, end to end
+    torchrun --nproc_per_node=8 train.py --dataset coco --stage prompt
+    torchrun --nproc_per_node=8 train.py --dataset coco --stage alltask --init runs/coco/prompt/checkpoint.pt
+    python train.py --dataset toy --stage alltask --set train.iterations=100 --resume
+
+Each stage is one plain loop below: draw a batch, forward, loss, backward, clip, step, LR,
+log, checkpoint. The data order is a pure function of (seed, iteration) (`engine.IterationSampler`),
+so a resumed run and an uninterrupted one see the same batches, and N processes with batch b
+see the same images as one process with batch N*b. Paper: FreeSeg section 3 (stages),
+section 4.1 (settings); defaults in `freeseg/config.py`.
+"""
+
+import argparse
+import os
+import re
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from freeseg import config as C
+from freeseg import distributed as dist
+from freeseg import engine
+
+TASKS = ("semantic", "instance", "panoptic")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="toy", choices=["coco", "voc", "ade", "toy"])
+    p.add_argument("--stage", choices=["clip", "prompt", "alltask"],
+                   help="one stage; without it, --dataset toy runs every stage, evaluation and the demo")
+    p.add_argument("--preset", help="start from this preset instead of the dataset/stage default")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. --set train.lr=1e-4 model.decoder.num_queries=50")
+    p.add_argument("--data-root", default=None, help="datasets root (default: $FREESEG_DATASETS or ./datasets)")
+    p.add_argument("--output-dir", default=None, help="run directory (default: runs/<dataset>/<stage>)")
+    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
+    p.add_argument("--init", default=None, help="prompt-stage checkpoint whose prompts start the all-task stage")
+    p.add_argument("--clip", default=None, help="CLIP to use (OpenAI name or file); sets model.clip.name")
+    return p.parse_args(argv)
+
+
+def data_root(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("FREESEG_DATASETS") or "datasets")
+
+
+def resolve_config(args, stage: str) -> C.Config:
+    cfg = C.get_preset(args.preset or C.preset_for(args.dataset, stage))
+    C.apply_overrides(cfg, args.overrides)
+    cfg.data.root = str(data_root(args.data_root))
+    cfg.train.stage = stage
+    if args.clip:
+        cfg.model.clip.name = args.clip
+    return cfg
+
+
+def prepared_dir(cfg: C.Config) -> Path:
+    return Path(cfg.data.root) / "freeseg" / cfg.data.dataset
+
+
+def start_from(out_dir: Path, resume: bool, modules: dict, optimizer) -> int:
+    """Load the run's checkpoint when resuming; returns the first iteration to run."""
+    path = out_dir / "checkpoint.pt"
+    if not (resume and path.exists()):
+        return 0
+    ckpt = engine.load_checkpoint(path)
+    for key, module in modules.items():
+        module.load_state_dict(ckpt[key])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    engine.set_rng_state(ckpt["rng"])
+    dist.print0(f"resumed from {path} at iteration {ckpt['iteration']}")
+    return ckpt["iteration"]
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float().cpu() for k in keys])
+    stacked = dist.all_reduce_sum(stacked) / dist.get_world_size()
+    return dict(zip(keys, stacked.tolist()))
+
+
+def seen_vocabulary(prep: Path):
+    """Names of the seen classes, and a map from dataset class id to seen-class index."""
+    from freeseg.data.datasets import load_meta
+
+    cats = load_meta(prep)["categories"]
+    seen_ids = [c["id"] for c in cats if c["seen"]]
+    remap = torch.full((max(c["id"] for c in cats) + 1,), -1, dtype=torch.long)
+    remap[seen_ids] = torch.arange(len(seen_ids))
+    return [cats[i]["name"] for i in seen_ids], remap
+
+
+# ---------------------------------------------------------------- stage 0: tiny CLIP (toy world)
+
+
+class ToyCaptionStream(torch.utils.data.IterableDataset):
+    """Captioned toy images drawn on the fly: batch `it` comes from the generator seeded (seed, it, rank)."""
+
+    def __init__(self, seed: int, rank: int, start: int, stop: int, batch: int, size: int):
+        self.seed, self.rank, self.start, self.stop, self.batch, self.size = seed, rank, start, stop, batch, size
+
+    def __iter__(self):
+        from freeseg.data import toy_world
+
+        for it in range(self.start, self.stop):
+            rng = np.random.default_rng([self.seed, it, self.rank])
+            images, captions = toy_world.sample_clip_batch(rng, self.batch, size=self.size)
+            yield torch.from_numpy(images), captions
+
+
+def toy_class_caption(name: str) -> str:
+    """The caption zero-shot classification compares an image with ("a photo of a red circle.")."""
+    from freeseg.data import toy_world
+
+    return f"a photo of {toy_world.with_article(name) if name in toy_world.THING_NAMES else name}."
+
+
+def toy_caption_key(caption: str) -> str:
+    """The classes a toy caption names, sorted: what makes two captions mean the same image content."""
+    from freeseg.data import toy_world
+
+    words = caption.rstrip(".")
+    named = sorted(n for n in toy_world.NAMES if re.search(rf"\b{n}\b", words))
+    return "|".join(named)
+
+
+def toy_caption_corpus() -> list[str]:
+    """Every caption form the toy world writes, once per class: the text the BPE merges are learned on."""
+    from freeseg.data import toy_world
+    from freeseg.modeling.prompts import task_sentence
+
+    corpus = [t.format(toy_world.with_article(n)) for n in toy_world.THING_NAMES for t in toy_world.THING_TEMPLATES]
+    corpus += [t.format(n) for n in toy_world.STUFF for t in toy_world.STUFF_TEMPLATES]
+    corpus += [f"{toy_world.with_article(a)} and {toy_world.with_article(b)} on {s}."
+               for a, b, s in zip(toy_world.THING_NAMES, toy_world.THING_NAMES[1:], toy_world.STUFF * 6)]
+    # The task sentences the prompt learner puts in front of every prompt ("semantic segmentation.")
+    # should be words of the vocabulary too, not strings of single bytes.
+    corpus += [task_sentence(t) for t in TASKS] * 4
+    return corpus
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, seed: int, per_class: int = 20) -> float:
+    """Top-1 zero-shot classification of held-out toy images over ALL toy classes."""
+    from freeseg import clip
+    from freeseg.data import toy_world
+
+    model.eval()  # BatchNorm with its running statistics, as the frozen CLIP is used later
+    images, labels = toy_world.zero_shot_eval_set(seed, per_class, size=model.input_resolution)
+    device = model.logit_scale.device
+    mean = torch.tensor(clip.CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(clip.CLIP_STD, device=device).view(1, 3, 1, 1) * 255
+    tokens = tokenizer([toy_class_caption(n) for n in toy_world.NAMES], context_length=model.context_length)
+    text = F.normalize(model.encode_text(tokens.to(device)), dim=-1)  # (K, E)
+    images = (torch.as_tensor(images, device=device).float() - mean) / std
+    image = torch.cat([F.normalize(model.encode_image(x), dim=-1) for x in images.split(256)])  # (N, E)
+    return ((image @ text.t()).argmax(-1).cpu() == torch.as_tensor(labels)).float().mean().item()
+
+
+def train_clip(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
+    """Contrastive pre-training of a tiny CLIP on captioned toy scenes of ALL classes."""
+    from freeseg import clip
+    from freeseg.data import toy_world
+
+    device = dist.init_distributed()[3]
+    engine.seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
+    c = cfg.model.clip
+    merges = clip.learn_bpe(toy_caption_corpus(), c.bpe_merges)  # a vocabulary from the toy captions
+    tokenizer = clip.Tokenizer(merges=merges)
+    model = clip.CLIP(
+        embed_dim=c.embed_dim, image_resolution=c.image_resolution, vision_layers=tuple(c.vision_layers),
+        vision_width=c.vision_width, vision_patch_size=None, context_length=c.context_length,
+        vocab_size=tokenizer.vocab_size, transformer_width=c.text_width, transformer_heads=c.text_heads,
+        transformer_layers=c.text_layers,
+    ).to(device)
+    mean = torch.tensor(clip.CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(clip.CLIP_STD, device=device).view(1, 3, 1, 1) * 255
+    optimizer = engine.build_optimizer(model, cfg.train)
+    start = start_from(out_dir, resume, {"model": model}, optimizer)
+    logger = engine.Logger(out_dir, cfg.train.iterations, start)
+    logger.truncate_after(start)
+    per_rank = cfg.train.batch_size // dist.get_world_size()
+
+    stream = ToyCaptionStream(cfg.train.seed, dist.get_rank(), start, cfg.train.iterations, per_rank,
+                              c.image_resolution)
+    # One worker process draws the scenes while the main process trains (as the real CLIP's data
+    # pipeline runs beside its GPUs); the batches depend only on (seed, iteration, rank).
+    batches = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
+    for it, (images, captions) in enumerate(batches, start):
+        engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
+        images = (images.to(device).float() - mean) / std  # (B, 3, R, R)
+        tokens = tokenizer(captions, context_length=c.context_length).to(device)  # (B, T)
+        logits_per_image, logits_per_text = model(images, tokens)  # (B, B) each
+        # Symmetric InfoNCE; two pairs whose captions name the same classes ("a red circle." and
+        # "a photo of a red circle.") are positives of each other, not negatives.
+        _, caption_id = np.unique([toy_caption_key(t) for t in captions], return_inverse=True)
+        caption_id = torch.as_tensor(caption_id, device=device)
+        positives = (caption_id[:, None] == caption_id[None, :]).float()
+        targets = positives / positives.sum(1, keepdim=True)
+        loss = 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))  # CLIP caps the temperature at 100
+
+        if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
+            logger.log(it, {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                            "logit_scale": model.logit_scale.exp().item()})
+        if (it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations:
+            engine.save_checkpoint(out_dir / "checkpoint.pt", model=model.state_dict(), merges=merges,
+                                   optimizer=optimizer.state_dict(), iteration=it + 1, rng=engine.rng_state(),
+                                   config=C.to_dict(cfg))
+    accuracy = zero_shot_accuracy(model, tokenizer, seed=cfg.train.seed + 1)
+    dist.print0(f"tiny CLIP zero-shot accuracy over all toy classes: {100 * accuracy:.2f}%")
+    engine.save_checkpoint(out_dir / "checkpoint.pt", model=model.state_dict(), merges=merges,
+                           optimizer=optimizer.state_dict(), iteration=cfg.train.iterations,
+                           rng=engine.rng_state(), config=C.to_dict(cfg), zero_shot_accuracy=accuracy)
+    return out_dir / "checkpoint.pt"
+
+
+# ---------------------------------------------------------------- stage 1: prompts
+
+
+def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
+    """Learn the class and task prompts: classify cut-out segments of seen classes with CLIP."""
+    from freeseg.clip import CLIP_MEAN, CLIP_STD
+    from freeseg.data.datasets import SegmentCropDataset
+    from freeseg.modeling.prompts import build_prompts
+
+    device = dist.init_distributed()[3]
+    engine.seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
+    clip_model, tokenizer = engine.load_clip(cfg.model.clip.name, device)
+    clip_model.requires_grad_(False)
+    prompts = build_prompts(cfg.model.prompt, clip_model, tokenizer).to(device)
+    prep = prepared_dir(cfg)
+    names, remap = seen_vocabulary(prep)
+    crops = SegmentCropDataset(prep, cfg.data.train_split, size=clip_model.input_resolution,
+                               expand_ratio=cfg.inference.mask_expand_ratio)
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255
+    optimizer = engine.build_optimizer(prompts, cfg.train)
+    start = start_from(out_dir, resume, {"model": prompts}, optimizer)
+    logger = engine.Logger(out_dir, cfg.train.iterations, start)
+    logger.truncate_after(start)
+    loader = engine.make_loader(engine.SeededDataset(crops), cfg, start)
+
+    for it, batch in enumerate(loader, start):
+        engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
+        images = torch.stack([b[0] for b in batch]).to(device)  # (B, 3, R, R) in 0-255
+        labels = remap[torch.tensor([b[1] for b in batch])].to(device)  # (B,) seen-class index
+        task = TASKS[np.random.default_rng([cfg.train.seed, it]).integers(len(TASKS))]
+        with torch.no_grad():
+            image_features = F.normalize(clip_model.encode_image((images - mean) / std), dim=-1)  # (B, E)
+        text_features = prompts(names, task)  # (K, E), normalised
+        logits = cfg.model.logit_scale * image_features @ text_features.t()  # (B, K)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        engine.average_gradients(prompts)
+        optimizer.step()
+
+        if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
+            acc = (logits.argmax(-1) == labels).float().mean()
+            logger.log(it, {**mean_over_ranks({"loss": loss, "acc": acc}), "lr": optimizer.param_groups[0]["lr"]})
+        if (it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations:
+            engine.save_checkpoint(out_dir / "checkpoint.pt", model=prompts.state_dict(),
+                                   optimizer=optimizer.state_dict(), iteration=it + 1,
+                                   rng=engine.rng_state(), config=C.to_dict(cfg))
+    return out_dir / "checkpoint.pt"
+
+
+# ---------------------------------------------------------------- stage 2: all tasks
+
+
+def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) -> Path:
+    """Train the mask proposal network for all three tasks at once, one random task per iteration."""
+    from freeseg.data.datasets import SegmentationDataset
+    from freeseg.data.transforms import build_transforms
+    from freeseg.modeling.criterion import build_criterion
+    from freeseg.modeling.freeseg import build_freeseg
+    from freeseg.modeling.targets import task_targets
+
+    device = dist.init_distributed()[3]
+    engine.seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
+    clip_model, tokenizer = engine.load_clip(cfg.model.clip.name)
+    model = build_freeseg(cfg, clip_model, tokenizer).to(device)
+    if init:
+        model.prompt_learner.load_state_dict(engine.load_checkpoint(init)["model"])
+        dist.print0(f"prompts initialised from {init}")
+    model.freeze_prompts()
+    prep = prepared_dir(cfg)
+    names, remap = seen_vocabulary(prep)
+    data = engine.SeededDataset(SegmentationDataset(prep, cfg.data.train_split, base=True),
+                                build_transforms(cfg.data, train=True))
+    criterion = build_criterion(cfg.loss)
+    optimizer = engine.build_optimizer(model, cfg.train)
+    start = start_from(out_dir, resume, {"model": model}, optimizer)
+    logger = engine.Logger(out_dir, cfg.train.iterations, start)
+    logger.truncate_after(start)
+    loader = engine.make_loader(data, cfg, start)
+    train_model = engine.wrap_ddp(model, device)
+    use_amp = cfg.train.amp and device.type == "cuda"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    for it, samples in enumerate(loader, start):
+        engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
+        task = TASKS[np.random.default_rng([cfg.train.seed, it]).integers(len(TASKS))]  # same on every rank
+        images = torch.stack([s["image"] for s in samples]).to(device).float()  # (B, 3, H, W) 0-255
+        targets = []
+        for s in samples:
+            t = task_targets(s, task)
+            targets.append({"labels": remap[t["labels"]].to(device), "masks": t["masks"].to(device)})
+        with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
+            outputs = train_model(images, names, task)
+        losses = criterion(outputs, targets)
+        loss = sum(criterion.weight_dict[k] * v for k, v in losses.items())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.train.clip_grad_norm)
+        optimizer.step()
+
+        if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
+            main_losses = {k: v for k, v in losses.items() if not k[-1].isdigit()}
+            logger.log(it, {**mean_over_ranks({"loss": loss.detach(), **main_losses}),
+                            "lr": optimizer.param_groups[0]["lr"]})
+        if (it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations:
+            engine.save_checkpoint(out_dir / "checkpoint.pt", model=model.state_dict(),
+                                   optimizer=optimizer.state_dict(), iteration=it + 1,
+                                   rng=engine.rng_state(), config=C.to_dict(cfg),
+                                   merges=getattr(tokenizer, "merges", None))
+    return out_dir / "checkpoint.pt"
+
+
+# ---------------------------------------------------------------- the miniature world, end to end
+
+
+def run_toy(args) -> None:
+    """Data -> tiny CLIP -> prompts -> all-task -> evaluation -> demo; each step reuses its output."""
+    from freeseg.data.prepare_coco import prepare_toy
+    from freeseg.evaluation.runner import evaluate_checkpoint
+    from freeseg.visualize import demo_toy
+
+    run = Path(args.output_dir or "runs/toy")
+    root = data_root(args.data_root)
+    cfg = resolve_config(args, "alltask")
+    if dist.is_main():
+        prepare_toy(root, force=False, workers=2)
+    dist.barrier()
+
+    stages = []
+    for stage in ("clip", "prompt", "alltask"):
+        ckpt = run / stage / "checkpoint.pt"
+        cfg = resolve_config(args, stage)
+        if stage != "clip":
+            cfg.model.clip.name = str(run / "clip" / "checkpoint.pt")
+        done = ckpt.exists() and engine.load_checkpoint(ckpt)["iteration"] >= cfg.train.iterations
+        if done:
+            dist.print0(f"[toy] {stage}: reusing {ckpt}")
+        else:
+            dist.print0(f"[toy] {stage}: training -> {ckpt}")
+            (run / stage).mkdir(parents=True, exist_ok=True)
+            if stage == "clip":
+                train_clip(cfg, run / stage, resume=True)
+            elif stage == "prompt":
+                train_prompt(cfg, run / stage, resume=True)
+            else:
+                train_alltask(cfg, run / stage, resume=True, init=str(run / "prompt" / "checkpoint.pt"))
+        stages.append(ckpt)
+    if dist.is_main():
+        evaluate_checkpoint(stages[-1], out=run / "results.json", ablation=True)
+        demo_toy(stages[-1], out=run / "demo.png")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.stage is None:
+        if args.dataset != "toy":
+            raise SystemExit("--stage is required for real datasets: prompt, then alltask")
+        run_toy(args)
+        return
+    if args.stage == "clip" and args.dataset != "toy":
+        raise SystemExit("--stage clip trains the toy world's tiny CLIP; real datasets use OpenAI's CLIP")
+    cfg = resolve_config(args, args.stage)
+    out_dir = Path(args.output_dir or f"runs/{args.dataset}/{args.stage}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.stage == "clip":
+        train_clip(cfg, out_dir, args.resume)
+    elif args.stage == "prompt":
+        train_prompt(cfg, out_dir, args.resume)
+    else:
+        train_alltask(cfg, out_dir, args.resume, args.init)
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    main()
