@@ -31,6 +31,8 @@ def main(argv=None) -> None:
     p.add_argument("--ttpt", action="store_true", help="test-time prompt tuning for the unseen classes")
     p.add_argument("--ablation", action="store_true", help="also score mask-classifier-only and TTPT rows")
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="inference overrides, e.g. --set inference.ttpt.steps=5 inference.clip_weight_unseen=0.7")
     p.add_argument("--out", default=None, help="results JSON (written atomically)")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).is_file():
@@ -39,7 +41,7 @@ def main(argv=None) -> None:
     device = dist.init_distributed()[3]
     evaluate_checkpoint(args.checkpoint, out=args.out, data_root=args.data_root, dataset=args.dataset,
                         split=args.split, tasks=args.tasks, ablation=args.ablation, ttpt=args.ttpt,
-                        max_images=args.max_images, device=str(device))
+                        max_images=args.max_images, device=str(device), overrides=args.overrides)
     dist.cleanup()
 
 

@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="one stage; without it, --dataset toy runs every stage, evaluation and the demo")
     p.add_argument("--preset", help="start from this preset instead of the dataset/stage default")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. --set train.lr=1e-4 model.decoder.num_queries=50")
+                   help="config overrides, e.g. --set train.lr=1e-4 model.decoder.num_queries=50; "
+                        "STAGE:KEY=VALUE applies to one stage only (alltask:train.iterations=300)")
     p.add_argument("--data-root", default=None, help="datasets root (default: $FREESEG_DATASETS or ./datasets)")
     p.add_argument("--output-dir", default=None, help="run directory (default: runs/<dataset>/<stage>)")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
@@ -51,7 +52,16 @@ def data_root(arg: str | None) -> Path:
 
 def resolve_config(args, stage: str) -> C.Config:
     cfg = C.get_preset(args.preset or C.preset_for(args.dataset, stage))
-    C.apply_overrides(cfg, args.overrides)
+    overrides = []
+    for item in args.overrides:
+        prefix, sep, rest = item.partition(":")
+        if not sep or "=" in prefix:
+            overrides.append(item)
+        elif prefix not in ("clip", "prompt", "alltask"):
+            raise ValueError(f"override {item!r}: unknown stage {prefix!r} (clip, prompt or alltask)")
+        elif prefix == stage:
+            overrides.append(rest)
+    C.apply_overrides(cfg, overrides)
     cfg.data.root = str(data_root(args.data_root))
     cfg.train.stage = stage
     if args.clip:
@@ -232,6 +242,7 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
     from freeseg.clip import CLIP_MEAN, CLIP_STD
     from freeseg.data.datasets import SegmentCropDataset
     from freeseg.modeling.prompts import build_prompts
+    from freeseg.modeling.region_classifier import clip_logit_scale
 
     device = dist.init_distributed()[3]
     engine.seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
@@ -244,6 +255,8 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
                                expand_ratio=cfg.inference.mask_expand_ratio)
     mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255
+    # CLIP's own temperature: 100 for OpenAI's CLIP (the official value), ~15 for the toy CLIP.
+    scale = clip_logit_scale(clip_model)
     optimizer = engine.build_optimizer(prompts, cfg.train)
     start = start_from(out_dir, resume, {"model": prompts}, optimizer)
     logger = engine.Logger(out_dir, cfg.train.iterations, start)
@@ -258,7 +271,7 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
         with torch.no_grad():
             image_features = F.normalize(clip_model.encode_image((images - mean) / std), dim=-1)  # (B, E)
         text_features = prompts(names, task)  # (K, E), normalised
-        logits = cfg.model.logit_scale * image_features @ text_features.t()  # (B, K)
+        logits = scale * image_features @ text_features.t()  # (B, K)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -330,11 +343,18 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
             main_losses = {k: v for k, v in losses.items() if not k[-1].isdigit()}
             logger.log(it, {**mean_over_ranks({"loss": loss.detach(), **main_losses}),
                             "lr": optimizer.param_groups[0]["lr"]})
-        if (it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations:
+        evaluate_now = cfg.train.eval_every > 0 and (it + 1) % cfg.train.eval_every == 0
+        if (it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations or evaluate_now:
             engine.save_checkpoint(out_dir / "checkpoint.pt", model=model.state_dict(),
                                    optimizer=optimizer.state_dict(), iteration=it + 1,
                                    rng=engine.rng_state(), config=C.to_dict(cfg),
                                    merges=getattr(tokenizer, "merges", None))
+        if evaluate_now:  # every rank takes part: the evaluators are reduced across ranks
+            from freeseg.evaluation.runner import evaluate_checkpoint
+
+            dist.barrier()
+            evaluate_checkpoint(out_dir / "checkpoint.pt", out=out_dir / f"results_{it + 1}.json",
+                                device=str(device))
     return out_dir / "checkpoint.pt"
 
 

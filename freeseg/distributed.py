@@ -11,12 +11,12 @@ by torchrun's environment variables; `print` is never monkey-patched (use `print
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from freeseg.data.io import atomic_write
 
 
 def is_distributed() -> bool:
@@ -103,32 +103,14 @@ def all_gather_object(obj: Any) -> list[Any]:
     return gathered
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
-    """Write through `write(file)` into a temporary file beside `path`, then rename it.
-
-    `os.replace` within one directory is atomic on POSIX, so readers (and a job killed
-    mid-write) see either the old file or the complete new one, never a truncated checkpoint.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save(obj, path)` that never leaves a partial file. Call it on rank 0 only."""
-    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    with atomic_write(os.fspath(path), "wb") as f:
+        torch.save(obj, f)
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     """Write `obj` as indented JSON, atomically (strict JSON: NaN is rejected, use None)."""
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, allow_nan=False) + "\n"), "w")
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    with atomic_write(os.fspath(path), "w") as f:
+        f.write(text)

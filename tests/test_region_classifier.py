@@ -100,7 +100,7 @@ def test_region_classifier_matches_direct_clip():
     crops = crop_masked_regions(image, mask_probs > 0.5, 16, 1.0, mean.flatten())
     with torch.no_grad():
         feats = F.normalize(clip.encode_image((crops - mean) / std), dim=-1)
-    torch.testing.assert_close(probs, (100 * feats @ text.t()).softmax(-1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(probs, (clip.logit_scale.exp() * feats @ text.t()).softmax(-1), atol=1e-5, rtol=1e-4)
     # Pixels outside the mask are filled with CLIP's mean, so they are zero once normalised.
     grown = crop_masked_regions(image, mask_probs[2:] > 0.5, 16, 3.0, mean.flatten())
     assert ((grown - mean) / std)[0, :, 0, 0].abs().max() < 1e-4

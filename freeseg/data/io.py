@@ -42,6 +42,8 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[Any]:
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

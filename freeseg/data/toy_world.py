@@ -343,3 +343,14 @@ def write_coco_layout(raw_dir: str, num_train: int, num_val: int, seed: int, siz
                          f"{raw_dir}/annotations/instances_{split}.json")
     save_json_atomic(params, params_file)
     return True
+
+
+def demo_scene(seed: int, size: int = 96) -> np.ndarray:
+    """(size, size, 3) uint8: the first scene from `seed` on that shows seen AND unseen things."""
+    unseen = {i for i, n in enumerate(NAMES) if n in UNSEEN}
+    for offset in range(1000):
+        scene = render_scene(np.random.default_rng([seed, offset]), size=size)
+        things = {s["category_id"] for s in scene["segments"] if s["isthing"]}
+        if len(things) >= 3 and things & unseen and things - unseen:
+            return scene["image"]
+    raise RuntimeError(f"no toy scene with seen and unseen things for seed {seed}")

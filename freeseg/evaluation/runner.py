@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from freeseg import distributed as dist
-from freeseg.config import Config, InferenceConfig, from_dict
+from freeseg.config import Config, InferenceConfig, apply_overrides, from_dict
 from freeseg.evaluation.instance import InstanceEvaluator
 from freeseg.evaluation.panoptic import PanopticEvaluator
 from freeseg.evaluation.report import format_table, results_json, write_results
@@ -149,11 +149,19 @@ def ablation_variants(base: InferenceConfig, ablation: bool, ttpt: bool) -> dict
 def evaluate_checkpoint(path: str | Path, out: str | Path | None = None, data_root: str | None = None,
                         dataset: str | None = None, split: str | None = None, tasks=None,
                         ablation: bool = False, ttpt: bool = False, max_images: int | None = None,
-                        device: str = "cpu") -> dict:
-    """Evaluate an all-task checkpoint; print the table; write `out` (the main row) atomically."""
+                        device: str = "cpu", overrides: list[str] | None = None) -> dict:
+    """Evaluate an all-task checkpoint; print the table; write `out` (the main row) atomically.
+
+    `overrides` (`inference.ttpt.steps=5`, ...) change the stored config's inference settings.
+    """
     from freeseg.data.categories import EVAL_CATEGORY_SET
 
     model, cfg, _ = load_model(path, device)
+    for item in overrides or []:
+        if not item.startswith(("inference.", "data.test_short_side")):
+            raise ValueError(f"evaluation override {item!r}: only inference.* and data.test_short_side "
+                             "can change after training")
+    apply_overrides(cfg, list(overrides or []))
     root = Path(data_root or cfg.data.root)
     dataset = dataset or cfg.data.dataset
     split = split or cfg.data.val_split

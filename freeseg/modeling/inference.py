@@ -114,6 +114,12 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
         regions = RegionClassifier(model.clip_model, cfg.mask_threshold, cfg.mask_expand_ratio, cfg.clip_chunk)
         p_clip = regions.to(image.device)(image, masks, text)  # crops of the input image, (Q, K)
         p_mask = geometric_ensemble(p_mask, p_clip, unseen, cfg.clip_weight_seen, cfg.clip_weight_unseen)
+        # A geometric mean of two distributions sums to less than 1 (the less, the more they
+        # disagree). Rescale it to the mask classifier's object mass 1 - p(no object): the
+        # ensemble decides WHICH class, the mask classifier WHETHER there is an object, so
+        # thresholds on scores (panoptic, instance) keep their meaning. The official code
+        # re-sharpens with softmax(p / 0.01) in panoptic/instance inference instead.
+        p_mask = p_mask / p_mask.sum(-1, keepdim=True).clamp_min(1e-12) * (1 - p_void)
         start = record_time(task_times, "region_clip", start)
     if out_size is not None and tuple(out_size) != (H, W):
         masks = F.interpolate(masks[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]

@@ -67,7 +67,8 @@ class PromptLearner(nn.Module):
     """
 
     def __init__(self, clip_model: nn.Module, tokenizer, class_ctx: int = 16, task_ctx: int = 8,
-                 init_std: float = 0.02, tasks: tuple[str, ...] = ("semantic", "instance", "panoptic")):
+                 init_std: float = 0.02, tasks: tuple[str, ...] = ("semantic", "instance", "panoptic"),
+                 ctx_init: str = ""):
         super().__init__()
         _freeze(clip_model)
         self.__dict__["clip_model"] = clip_model  # a reference, not a sub-module (see file header)
@@ -76,6 +77,13 @@ class PromptLearner(nn.Module):
         width = clip_model.token_embedding.weight.shape[1]
         self.prefix_prompt = nn.Parameter(torch.randn(class_ctx, width) * init_std)  # (class_ctx, C)
         self.task_prompt = nn.Parameter(torch.randn(task_ctx, width) * init_std)  # (task_ctx, C)
+        if ctx_init:  # CoOp's initialisation: start the class context as the words of a template
+            init_ids = torch.tensor(tokenizer.encode(ctx_init), dtype=torch.long)
+            if len(init_ids) != class_ctx:
+                raise ValueError(f"PromptLearner: ctx_init {ctx_init!r} has {len(init_ids)} tokens, "
+                                 f"class_ctx is {class_ctx}")
+            with torch.no_grad():
+                self.prefix_prompt.copy_(clip_model.token_embedding(init_ids.to(clip_model.token_embedding.weight.device)))
         dot = tokenizer.encode(".")
         if len(dot) != 1:
             raise ValueError(f"PromptLearner: the tokenizer splits '.' into {len(dot)} tokens, expected 1")
@@ -189,4 +197,4 @@ def build_prompts(cfg: PromptConfig, clip_model: nn.Module, tokenizer) -> nn.Mod
     if not cfg.learned:
         return TemplatePrompts(clip_model, tokenizer)
     return PromptLearner(clip_model, tokenizer, class_ctx=cfg.class_ctx, task_ctx=cfg.task_ctx,
-                         init_std=cfg.init_std, tasks=cfg.tasks)
+                         init_std=cfg.init_std, tasks=cfg.tasks, ctx_init=cfg.ctx_init)

@@ -20,7 +20,8 @@ bicubic weights sum to one, so the order does not matter and we resize first (cr
 
 Ensemble (official mask2former/open_vocabulary_model.py, `semantic_inference`): the mask
 classifier's softmax over K+1 classes with the no-object column dropped (not renormalised),
-CLIP's softmax(100 * cos) over the K classes only, and per class
+CLIP's softmax(scale * cos) over the K classes only (scale = CLIP's own learned logit scale,
+which is 100 for OpenAI's models, the official constant), and per class
     p = p_mask^(1 - w) * p_clip^w,   w = w_seen (0.2) for seen, w_unseen (0.8) for unseen classes.
 
 Deliberate differences from the official code:
@@ -36,8 +37,13 @@ from torch import nn
 
 from freeseg.clip import CLIP_MEAN, CLIP_STD
 
-# CLIP's logit scale at convergence; the official adapter's `get_sim_logits` uses 100 as well.
-CLIP_TEMPERATURE = 100.0
+
+
+def clip_logit_scale(clip_model: nn.Module) -> float:
+    """CLIP's own learned similarity scale: 100 for OpenAI's models (the cap they reach, and the
+    constant of the official adapter's `get_sim_logits`); about 15 for the toy world's tiny CLIP,
+    whose cosines x 100 would be far too peaked."""
+    return float(clip_model.logit_scale.exp())
 
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -105,7 +111,8 @@ class RegionClassifier(nn.Module):
     """Classify mask proposals with frozen CLIP (paper, section 3.3).
 
     forward(image (3, H, W) 0-255, mask_probs (Q, H, W) in [0, 1], text_features (K, E) L2-normalised)
-    -> probs (Q, K): softmax over K of 100 * cos(CLIP region feature, text feature).
+    -> probs (Q, K): softmax over K of scale * cos(CLIP region feature, text feature), with
+    CLIP's own logit scale (100 for OpenAI's models).
     Queries whose binarised mask is empty get the uniform row 1/K.
     """
 
@@ -137,11 +144,10 @@ class RegionClassifier(nn.Module):
             features[idx] = F.normalize(out, dim=-1)
         return features, valid
 
-    @staticmethod
-    def classify(features: torch.Tensor, valid: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    def classify(self, features: torch.Tensor, valid: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """features (Q, E), valid (Q,), text_features (K, E) -> probs (Q, K). Differentiable in
         `text_features`, which test-time prompt tuning needs."""
-        probs = (CLIP_TEMPERATURE * features @ text_features.t()).softmax(dim=-1)  # (Q, K)
+        probs = (clip_logit_scale(self.clip_model) * features @ text_features.t()).softmax(dim=-1)  # (Q, K)
         uniform = torch.full_like(probs, 1.0 / max(text_features.shape[0], 1))
         return torch.where(valid[:, None], probs, uniform)
 
