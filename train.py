@@ -364,6 +364,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
 def run_toy(args) -> None:
     """Data -> tiny CLIP -> prompts -> all-task -> evaluation -> demo; each step reuses its output."""
     from freeseg.data.prepare_coco import prepare_toy
+    from freeseg.evaluation.report import write_results
     from freeseg.evaluation.runner import evaluate_checkpoint
     from freeseg.visualize import demo_toy
 
@@ -394,7 +395,9 @@ def run_toy(args) -> None:
                 train_alltask(cfg, run / stage, resume=True, init=str(run / "prompt" / "checkpoint.pt"))
         stages.append(ckpt)
     if dist.is_main():
-        evaluate_checkpoint(stages[-1], out=run / "results.json", ablation=True)
+        rows = evaluate_checkpoint(stages[-1], out=run / "results.json", ablation=True)
+        for name, results in rows.items():  # every ablation row, for the README and the CI test
+            write_results(run / f"ablation_{name.strip('+ ').replace(' ', '_')}.json", results)
         demo_toy(stages[-1], out=run / "demo.png")
 
 

@@ -141,9 +141,11 @@ class LossConfig:
 class TTPTConfig:
     """Test-time prompt tuning (paper section 3.4); not in the official release."""
 
+    # The paper gives no values. On the toy world 5 AdamW steps at lr 1e-2 move unseen mIoU by
+    # +0.7 and seen mIoU by -0.7 (README); 1 step at 5e-4 changed nothing measurable.
     enabled: bool = False
-    steps: int = 1
-    lr: float = 5e-4
+    steps: int = 5
+    lr: float = 1e-2
     entropy_threshold: float = 0.5  # fraction of log(K_unseen): queries below it are kept
 
 
