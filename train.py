@@ -175,7 +175,6 @@ def zero_shot_accuracy(model, tokenizer, seed: int, per_class: int = 20) -> floa
 def train_clip(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
     """Contrastive pre-training of a tiny CLIP on captioned toy scenes of ALL classes."""
     from freeseg import clip
-    from freeseg.data import toy_world
 
     device = dist.init_distributed()[3]
     engine.seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
@@ -370,7 +369,6 @@ def run_toy(args) -> None:
 
     run = Path(args.output_dir or "runs/toy")
     root = data_root(args.data_root)
-    cfg = resolve_config(args, "alltask")
     if dist.is_main():
         prepare_toy(root, force=False, workers=2)
     dist.barrier()

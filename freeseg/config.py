@@ -18,7 +18,6 @@ Differences from the official code: no YAML and no registries; the paper's two s
 two presets of one config rather than two config files per stage.
 """
 
-import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -409,7 +408,3 @@ def from_dict(data: dict, cls: type = Config) -> typing.Any:
             value = tuple(value)
         kwargs[f.name] = value
     return cls(**kwargs)
-
-
-def clone(cfg: Config) -> Config:
-    return copy.deepcopy(cfg)

@@ -207,10 +207,16 @@ def load_clip(name: str, device: str = "cpu"):
     if path.is_file():
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if isinstance(ckpt, dict) and "merges" in ckpt:
-            model = clip.build_model(ckpt["model"]).to(device)
-            return model, clip.Tokenizer(merges=[tuple(m) for m in ckpt["merges"]])
+            return clip.build_model(ckpt["model"]).to(device), tokenizer_for(ckpt["merges"])
     model, _ = clip.load(name, device=device)
     return model, clip.default_tokenizer()
+
+
+def tokenizer_for(merges: list | None):
+    """The tokenizer a checkpoint was trained with: its own BPE merges (toy world) or OpenAI's."""
+    from freeseg import clip
+
+    return clip.Tokenizer(merges=[tuple(m) for m in merges]) if merges else clip.default_tokenizer()
 
 
 # ---------------------------------------------------------------- logging

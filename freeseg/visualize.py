@@ -4,7 +4,6 @@ Used by `demo.py` and by the toy pipeline for its demo picture. Colors come from
 palette indexed by class, so the same class has the same color in every picture.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from freeseg.data.datasets import (SegmentCropDataset, SegmentationDataset, build_loader, collate_samples,
-                                   load_meta, stack_images)
+from freeseg.data.datasets import SegmentCropDataset, SegmentationDataset, load_meta
 from freeseg.data.io import DataError
 from freeseg.data.prepare_coco import prepare_coco, prepare_toy
 
@@ -86,12 +85,3 @@ def test_crop_dataset_cuts_the_segment(toy_dir):
     assert set(labels) <= seen and max(np.bincount(labels)) <= 5  # seen only, per-class cap
     crop, label = ds[0]
     assert crop.shape == (3, 32, 32) and crop.dtype == torch.float32 and label == labels[0]
-
-
-def test_loader_keeps_samples_as_a_list(toy_dir):
-    batch = next(iter(build_loader(SegmentationDataset(toy_dir, "train"), 3, shuffle=True)))
-    assert isinstance(batch, list) and len(batch) == 3 and stack_images(batch).shape == (3, 3, 96, 96)
-    assert collate_samples([1, 2]) == [1, 2]
-    odd = [{"image": torch.zeros(3, 4, 4)}, {"image": torch.zeros(3, 5, 4)}]
-    with pytest.raises(ValueError, match="different sizes"):
-        stack_images(odd)

@@ -6,7 +6,6 @@ pure function of (seed, i), whatever the number of processes and wherever a run 
 
 import json
 import math
-import pickle
 import random
 from itertools import islice
 

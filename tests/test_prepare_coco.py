@@ -13,7 +13,8 @@ from pycocotools.coco import COCO
 
 from freeseg.data.categories import get_categories
 from freeseg.data.io import DataError
-from freeseg.data.prepare_coco import id_to_rgb, prepare_coco, prepare_toy, rgb_to_id
+from freeseg.data.io import id_to_rgb, rgb_to_id
+from freeseg.data.prepare_coco import prepare_coco, prepare_toy
 
 COCO_CATS = {c["name"]: c["id"] for c in get_categories("coco")}
 PAN_CATS = {c["name"]: c["id"] for c in get_categories("coco_panoptic")}

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freeseg.data.categories import get_categories
 from freeseg.data.io import DataError
 from freeseg.data.prepare_voc_ade import prepare_ade, prepare_voc
 

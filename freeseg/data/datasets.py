@@ -11,8 +11,7 @@
 - `SegmentCropDataset`: the prompt stage's data (paper section 3.2): one ground-truth segment
   cut out of its image with `crop_masked_regions` (pixels outside the mask = CLIP's mean colour)
   -> (crop float (3, R, R) 0-255, contiguous class id).
-- `collate_samples`, `stack_images`, `build_loader`: batching; samples stay a list because
-  images of a batch may differ in size.
+Batching (samples stay a list) and the data order live in `freeseg/engine.py`.
 
 Differences from the official code: no detectron2 dataset registry or mapper classes; every
 path comes from the prepared records, and a missing file raises a DataError naming it.
@@ -22,9 +21,9 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
-from freeseg.data.io import DataError, load_json, read_image
+from freeseg.data.io import DataError, load_json, read_image, rgb_to_id
 
 IGNORE = 255
 
@@ -40,8 +39,7 @@ def _data_root(prepared_dir: str) -> str:
 
 
 def _panoptic_ids(path: str) -> np.ndarray:
-    rgb = read_image(path, "RGB").astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]  # COCO panoptic id encoding
+    return rgb_to_id(read_image(path, "RGB"))
 
 
 class SegmentationDataset(Dataset):
@@ -137,33 +135,3 @@ class SegmentCropDataset(Dataset):
         image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()  # (3, H, W)
         crop = crop_masked_regions(image_t, torch.from_numpy(mask)[None], self.size, self.expand_ratio, self.fill)
         return crop[0], int(entry["category_id"])  # (3, size, size)
-
-
-def collate_samples(batch: list[dict]) -> list[dict]:
-    """Keep a batch of sample dicts as a list (targets differ in N and images may differ in size)."""
-    return list(batch)
-
-
-def stack_images(samples: list[dict]) -> torch.Tensor:
-    """(B, 3, H, W) uint8 from samples of equal image size (after a fixed-size crop/pad)."""
-    sizes = {tuple(s["image"].shape) for s in samples}
-    if len(sizes) != 1:
-        raise ValueError(f"stack_images: images of different sizes {sorted(sizes)}; pad or crop them first")
-    return torch.stack([s["image"] for s in samples])
-
-
-def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
-                 drop_last: bool = False) -> DataLoader:
-    """A DataLoader over `dataset`, sharded with a DistributedSampler when torch.distributed runs.
-
-    Sample dicts are batched with `collate_samples`; (crop, label) pairs with the default collate.
-    """
-    sampler = None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        shuffle = False
-    collate = collate_samples if isinstance(dataset, SegmentationDataset) else None
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate, drop_last=drop_last, generator=generator,
-                      persistent_workers=num_workers > 0)

@@ -6,6 +6,7 @@
   skips the finished ones).
 - `parallel_map(fn, items, workers, desc)`: a process pool with a one-line progress bar on
   stderr, results in input order.
+- `rgb_to_id` / `id_to_rgb` / `mask_bbox`: COCO's panoptic id encoding and box format.
 - `DataError`: the one exception the data code raises for missing or malformed inputs; its
   message names the file and what was expected.
 
@@ -24,6 +25,24 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """COCO panoptic PNG (H, W, 3) uint8 -> (H, W) int64 segment ids: id = R + 256 G + 256^2 B."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """(H, W) segment ids -> COCO panoptic (H, W, 3) uint8 (the inverse of `rgb_to_id`)."""
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+
+
+def mask_bbox(mask: np.ndarray) -> list[int]:
+    """COCO box [x, y, w, h] of a non-empty (H, W) boolean mask."""
+    ys, xs = np.nonzero(mask)
+    x0, y0 = int(xs.min()), int(ys.min())
+    return [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
 
 
 class DataError(ValueError):

@@ -33,28 +33,11 @@ import os
 import numpy as np
 
 from freeseg.data.categories import get_categories, raw_to_contiguous_lut
-from freeseg.data.io import (DataError, load_json, parallel_map, read_image, require_dir, save_json_atomic,
-                             save_png_atomic)
+from freeseg.data.io import (DataError, id_to_rgb, load_json, mask_bbox, parallel_map, read_image, require_dir,
+                             rgb_to_id, save_json_atomic, save_png_atomic)
 from freeseg.data.prepare_voc_ade import prompt_index
 
 SPLITS = ("train", "val")
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic PNG (H, W, 3) uint8 -> (H, W) int64 segment ids."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """(H, W) segment ids -> COCO panoptic (H, W, 3) uint8."""
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
-
-
-def _bbox(mask: np.ndarray) -> list[int]:
-    ys, xs = np.nonzero(mask)
-    x0, y0 = int(xs.min()), int(ys.min())
-    return [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
 
 
 def _seen_lut(categories: list[dict]) -> np.ndarray:
@@ -98,7 +81,7 @@ def _convert_image(job: dict, ctx: dict) -> dict:
     def add(mask: np.ndarray, cat: int, iscrowd: int) -> None:
         out_pan[mask] = len(segments) + 1
         segments.append({"id": len(segments) + 1, "category_id": cat, "isthing": ctx["isthing"][cat],
-                         "iscrowd": iscrowd, "area": int(mask.sum()), "bbox": _bbox(mask)})
+                         "iscrowd": iscrowd, "area": int(mask.sum()), "bbox": mask_bbox(mask)})
 
     for seg_id, info in infos.items():
         cat = to_contig[info["category_id"]]

@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from freeseg.data.categories import get_categories, raw_to_contiguous_lut
-from freeseg.data.io import DataError, parallel_map, read_image, require_dir, save_json_atomic, save_png_atomic
+from freeseg.data.io import DataError, mask_bbox, parallel_map, read_image, require_dir, save_json_atomic, save_png_atomic
 
 IGNORE = 255
 VOC_LISTS = {
@@ -100,12 +100,11 @@ def _segments(sem: np.ndarray, categories: list[dict]) -> list[dict]:
     for c in np.unique(sem):
         if c == IGNORE:
             continue
-        ys, xs = np.nonzero(sem == c)
-        x0, y0 = int(xs.min()), int(ys.min())
+        mask = sem == c
         segments.append({
             "id": int(c) + 1,  # unique per image and never 0 (0 means "no segment" in panoptic ids)
             "category_id": int(c), "isthing": bool(categories[c]["isthing"]), "iscrowd": 0,
-            "area": int(len(ys)), "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1],
+            "area": int(mask.sum()), "bbox": mask_bbox(mask),
         })
     return segments
 

@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from freeseg.clip import CLIP_MEAN
+
 # Saturated hues far apart, so colour is easy and shape is the real task (DESIGN.md section 4).
 COLORS = {
     "red": (215, 35, 35), "orange": (245, 140, 20), "yellow": (240, 220, 40),
@@ -38,7 +40,7 @@ UNSEEN = ("red star", "orange cross", "yellow circle", "green square", "blue tri
 THING_NAMES = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
 NAMES = THING_NAMES + STUFF
 # CLIP's pixel mean (0-255): the fill of masked-out pixels in region crops (paper section 3.3).
-CLIP_MEAN_255 = (122.77, 116.75, 104.09)
+CLIP_MEAN_255 = tuple(255 * m for m in CLIP_MEAN)
 THING_TEMPLATES = ("a photo of {}.", "{}.", "a picture of {}.", "a drawing of {}.")  # {} = "a red circle"
 STUFF_TEMPLATES = ("a photo of {}.", "{}.", "a picture of {}.", "a texture of {}.")
 
@@ -265,21 +267,11 @@ def zero_shot_eval_set(seed: int, n_per_class: int, size: int = 64) -> tuple[np.
 _SPLITS = ("train2017", "val2017")
 
 
-def _rgb_from_id(ids: np.ndarray) -> np.ndarray:
-    """COCO panoptic PNG encoding: id = R + 256 G + 256^2 B -> (H, W, 3) uint8."""
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
-
-
-def _bbox(mask: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-
-
 def _write_one(job: tuple[str, int, int], raw_dir: str, seed: int, size: int) -> tuple[dict, dict, list[dict]]:
     """Render image `index` of `split` and write its image, panoptic PNG and stuff-thing map."""
     from pycocotools import mask as mask_utils
 
-    from freeseg.data.io import save_png_atomic
+    from freeseg.data.io import id_to_rgb, mask_bbox, save_png_atomic
 
     split, index, image_id = job
     scene = render_scene(np.random.default_rng([seed, _SPLITS.index(split), index]), size=size)
@@ -290,7 +282,7 @@ def _write_one(job: tuple[str, int, int], raw_dir: str, seed: int, size: int) ->
         coco_id = seg["category_id"] + 1  # toy COCO-style ids start at 1, like COCO's
         seg_id = coco_id * 1000 + k  # spread over the R and G channels, as real COCO ids are
         pan[seg["mask"]] = seg_id
-        info = {"id": seg_id, "category_id": coco_id, "iscrowd": 0, "bbox": _bbox(seg["mask"]),
+        info = {"id": seg_id, "category_id": coco_id, "iscrowd": 0, "bbox": [float(v) for v in mask_bbox(seg["mask"])],
                 "area": int(seg["mask"].sum())}
         segments_info.append(info)
         if seg["isthing"]:
@@ -299,7 +291,7 @@ def _write_one(job: tuple[str, int, int], raw_dir: str, seed: int, size: int) ->
             instances.append({"image_id": image_id, "category_id": coco_id, "segmentation": rle,
                               "area": info["area"], "bbox": info["bbox"], "iscrowd": 0})
     save_png_atomic(scene["image"], f"{raw_dir}/{split}/{name}")
-    save_png_atomic(_rgb_from_id(pan), f"{raw_dir}/panoptic_{split}/{name}")
+    save_png_atomic(id_to_rgb(pan), f"{raw_dir}/panoptic_{split}/{name}")
     # COCO-Stuff convention: the label map stores the category id minus one (255 = unlabeled).
     save_png_atomic(scene["sem"], f"{raw_dir}/stuffthingmaps/{split}/{name}")
     image = {"id": image_id, "file_name": name, "height": size, "width": size}

@@ -21,6 +21,7 @@ from PIL import Image
 
 from freeseg import distributed as dist
 from freeseg.config import Config, InferenceConfig, apply_overrides, from_dict
+from freeseg.data.io import rgb_to_id
 from freeseg.evaluation.instance import InstanceEvaluator
 from freeseg.evaluation.panoptic import PanopticEvaluator
 from freeseg.evaluation.report import format_table, results_json, write_results
@@ -30,7 +31,7 @@ from freeseg.evaluation.semantic import SemanticEvaluator
 def load_model(path: str | Path, device: str = "cpu"):
     """(model, cfg, tokenizer) from an all-task checkpoint written by train.py."""
     from freeseg import clip
-    from freeseg.engine import load_checkpoint
+    from freeseg.engine import load_checkpoint, tokenizer_for
     from freeseg.modeling.freeseg import build_freeseg
 
     ckpt = load_checkpoint(path)
@@ -42,8 +43,7 @@ def load_model(path: str | Path, device: str = "cpu"):
     state = ckpt["model"]
     clip_state = {k[len("clip_model."):]: v for k, v in state.items() if k.startswith("clip_model.")}
     clip_model = clip.build_model(clip_state)
-    merges = ckpt.get("merges")
-    tokenizer = clip.Tokenizer(merges=[tuple(m) for m in merges]) if merges else clip.default_tokenizer()
+    tokenizer = tokenizer_for(ckpt.get("merges"))
     model = build_freeseg(cfg, clip_model, tokenizer)
     try:
         model.load_state_dict(state)
@@ -55,8 +55,7 @@ def load_model(path: str | Path, device: str = "cpu"):
 
 def _panoptic_gt(root: Path, record: dict):
     """(segment-id map (H, W) int64, segments) from the prepared COCO-style panoptic PNG."""
-    rgb = np.asarray(Image.open(root / record["panoptic_file"]).convert("RGB"), dtype=np.int64)
-    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]  # COCO panoptic id encoding
+    ids = rgb_to_id(np.asarray(Image.open(root / record["panoptic_file"]).convert("RGB")))
     return torch.from_numpy(ids), record["segments"]
 
 
