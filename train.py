@@ -1,4 +1,4 @@
-"""Train FreeSeg: the tiny CLIP (toy world only), the prompt stage and the all-task stage.
+"""Train FreeSeg: the tiny CLIP and the backbone (toy world only), the prompt stage and the all-task stage.
 
     python train.py --dataset toy                       # the whole miniature world, end to end
     torchrun --nproc_per_node=8 train.py --dataset coco --stage prompt
@@ -27,12 +27,13 @@ from freeseg import distributed as dist
 from freeseg import engine
 
 TASKS = ("semantic", "instance", "panoptic")
+STAGES = ("clip", "backbone", "prompt", "alltask")  # the first two only for the toy world
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="toy", choices=["coco", "voc", "ade", "toy"])
-    p.add_argument("--stage", choices=["clip", "prompt", "alltask"],
+    p.add_argument("--stage", choices=list(STAGES),
                    help="one stage; without it, --dataset toy runs every stage, evaluation and the demo")
     p.add_argument("--preset", help="start from this preset instead of the dataset/stage default")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
@@ -57,8 +58,8 @@ def resolve_config(args, stage: str) -> C.Config:
         prefix, sep, rest = item.partition(":")
         if not sep or "=" in prefix:
             overrides.append(item)
-        elif prefix not in ("clip", "prompt", "alltask"):
-            raise ValueError(f"override {item!r}: unknown stage {prefix!r} (clip, prompt or alltask)")
+        elif prefix not in STAGES:
+            raise ValueError(f"override {item!r}: unknown stage {prefix!r} ({', '.join(STAGES)})")
         elif prefix == stage:
             overrides.append(rest)
     C.apply_overrides(cfg, overrides)
@@ -108,19 +109,24 @@ def seen_vocabulary(prep: Path):
 # ---------------------------------------------------------------- stage 0: tiny CLIP (toy world)
 
 
-class ToyCaptionStream(torch.utils.data.IterableDataset):
-    """Captioned toy images drawn on the fly: batch `it` comes from the generator seeded (seed, it, rank)."""
+class ToyStream(torch.utils.data.IterableDataset):
+    """Toy batches drawn on the fly: batch `it` is draw(generator seeded (seed, it, rank), batch, size)."""
 
-    def __init__(self, seed: int, rank: int, start: int, stop: int, batch: int, size: int):
-        self.seed, self.rank, self.start, self.stop, self.batch, self.size = seed, rank, start, stop, batch, size
+    def __init__(self, draw, seed: int, rank: int, start: int, stop: int, batch: int, size: int):
+        self.draw, self.seed, self.rank, self.start, self.stop = draw, seed, rank, start, stop
+        self.batch, self.size = batch, size
 
     def __iter__(self):
-        from freeseg.data import toy_world
-
         for it in range(self.start, self.stop):
-            rng = np.random.default_rng([self.seed, it, self.rank])
-            images, captions = toy_world.sample_clip_batch(rng, self.batch, size=self.size)
-            yield torch.from_numpy(images), captions
+            yield self.draw(np.random.default_rng([self.seed, it, self.rank]), self.batch, size=self.size)
+
+
+def toy_batches(draw, cfg: C.Config, start: int, size: int) -> torch.utils.data.DataLoader:
+    """One worker process draws the toy images while the main process trains (as a real data
+    pipeline runs beside the GPUs); the batches depend only on (seed, iteration, rank)."""
+    stream = ToyStream(draw, cfg.train.seed, dist.get_rank(), start, cfg.train.iterations,
+                       cfg.train.batch_size // dist.get_world_size(), size)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
 
 
 def toy_class_caption(name: str) -> str:
@@ -146,8 +152,9 @@ def toy_caption_corpus() -> list[str]:
 
     corpus = [t.format(toy_world.with_article(n)) for n in toy_world.THING_NAMES for t in toy_world.THING_TEMPLATES]
     corpus += [t.format(n) for n in toy_world.STUFF for t in toy_world.STUFF_TEMPLATES]
-    corpus += [f"{toy_world.with_article(a)} and {toy_world.with_article(b)} on {s}."
-               for a, b, s in zip(toy_world.THING_NAMES, toy_world.THING_NAMES[1:], toy_world.STUFF * 6)]
+    names = toy_world.THING_NAMES
+    corpus += [f"a photo of {toy_world.with_article(a)}, {toy_world.with_article(b)} and {toy_world.with_article(c)} on {s}."
+               for a, b, c, s in zip(names, names[1:], names[2:], toy_world.STUFF * 6)]
     # The task sentences the prompt learner puts in front of every prompt ("semantic segmentation.")
     # should be words of the vocabulary too, not strings of single bytes.
     corpus += [task_sentence(t) for t in TASKS] * 4
@@ -155,21 +162,30 @@ def toy_caption_corpus() -> list[str]:
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model, tokenizer, seed: int, per_class: int = 20) -> float:
-    """Top-1 zero-shot classification of held-out toy images over ALL toy classes."""
+def zero_shot_accuracy(model, tokenizer, seed: int, per_class: int = 20) -> dict[str, float]:
+    """Top-1 zero-shot classification over ALL toy classes of held-out images:
+    "single": one object or stuff patch per image (what the zero-shot target counts);
+    "regions": segments cut out of scenes as the region classifier cuts them (35 * per_class)."""
     from freeseg import clip
     from freeseg.data import toy_world
 
     model.eval()  # BatchNorm with its running statistics, as the frozen CLIP is used later
-    images, labels = toy_world.zero_shot_eval_set(seed, per_class, size=model.input_resolution)
     device = model.logit_scale.device
     mean = torch.tensor(clip.CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(clip.CLIP_STD, device=device).view(1, 3, 1, 1) * 255
     tokens = tokenizer([toy_class_caption(n) for n in toy_world.NAMES], context_length=model.context_length)
     text = F.normalize(model.encode_text(tokens.to(device)), dim=-1)  # (K, E)
-    images = (torch.as_tensor(images, device=device).float() - mean) / std
-    image = torch.cat([F.normalize(model.encode_image(x), dim=-1) for x in images.split(256)])  # (N, E)
-    return ((image @ text.t()).argmax(-1).cpu() == torch.as_tensor(labels)).float().mean().item()
+    sets = {
+        "single": toy_world.zero_shot_eval_set(seed, per_class, size=model.input_resolution),
+        "regions": toy_world.region_crops(np.random.default_rng([seed, 11]), len(toy_world.NAMES) * per_class,
+                                          model.input_resolution, expand=(1.5, 1.5), jitter=False),
+    }
+    accuracy = {}
+    for name, (images, labels) in sets.items():
+        images = (torch.as_tensor(images, device=device).float() - mean) / std
+        image = torch.cat([F.normalize(model.encode_image(x), dim=-1) for x in images.split(256)])  # (N, E)
+        accuracy[name] = ((image @ text.t()).argmax(-1).cpu() == torch.as_tensor(labels)).float().mean().item()
+    return accuracy
 
 
 def train_clip(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
@@ -193,14 +209,9 @@ def train_clip(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
     start = start_from(out_dir, resume, {"model": model}, optimizer)
     logger = engine.Logger(out_dir, cfg.train.iterations, start)
     logger.truncate_after(start)
-    per_rank = cfg.train.batch_size // dist.get_world_size()
+    from freeseg.data import toy_world
 
-    stream = ToyCaptionStream(cfg.train.seed, dist.get_rank(), start, cfg.train.iterations, per_rank,
-                              c.image_resolution)
-    # One worker process draws the scenes while the main process trains (as the real CLIP's data
-    # pipeline runs beside its GPUs); the batches depend only on (seed, iteration, rank).
-    batches = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
-    for it, (images, captions) in enumerate(batches, start):
+    for it, (images, captions) in enumerate(toy_batches(toy_world.sample_clip_batch, cfg, start, c.image_resolution), start):
         engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
         images = (images.to(device).float() - mean) / std  # (B, 3, R, R)
         tokens = tokenizer(captions, context_length=c.context_length).to(device)  # (B, T)
@@ -214,6 +225,7 @@ def train_clip(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
         loss = 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        engine.average_gradients(model)
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))  # CLIP caps the temperature at 100
@@ -226,11 +238,89 @@ def train_clip(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
                                    optimizer=optimizer.state_dict(), iteration=it + 1, rng=engine.rng_state(),
                                    config=C.to_dict(cfg))
     accuracy = zero_shot_accuracy(model, tokenizer, seed=cfg.train.seed + 1)
-    dist.print0(f"tiny CLIP zero-shot accuracy over all toy classes: {100 * accuracy:.2f}%")
+    dist.print0(f"tiny CLIP zero-shot accuracy over all toy classes: {100 * accuracy['single']:.2f}% "
+                f"(segments cut out of scenes: {100 * accuracy['regions']:.2f}%)")
     engine.save_checkpoint(out_dir / "checkpoint.pt", model=model.state_dict(), merges=merges,
                            optimizer=optimizer.state_dict(), iteration=cfg.train.iterations,
-                           rng=engine.rng_state(), config=C.to_dict(cfg), zero_shot_accuracy=accuracy)
+                           rng=engine.rng_state(), config=C.to_dict(cfg), zero_shot_accuracy=accuracy['single'],
+                           region_accuracy=accuracy['regions'])
     return out_dir / "checkpoint.pt"
+
+
+# ---------------------------------------------------------------- stage 0b: the backbone's "ImageNet" (toy world)
+
+
+class AttributeClassifier(torch.nn.Module):
+    """The segmentation backbone plus a linear head on its pooled res5: form (shape or texture)
+    logits, then colour logits."""
+
+    def __init__(self, backbone: torch.nn.Module, num_forms: int, num_colours: int):
+        super().__init__()
+        self.backbone, self.num_forms = backbone, num_forms
+        self.fc = torch.nn.Linear(backbone.out_channels["res5"], num_forms + num_colours)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.fc(self.backbone(images)["res5"].mean(dim=(2, 3)))  # (B, forms + colours)
+        return logits[:, :self.num_forms], logits[:, self.num_forms:]
+
+
+@torch.no_grad()
+def attribute_accuracy(model: AttributeClassifier, normalise, seed: int, size: int, n: int = 700) -> dict[str, float]:
+    from freeseg.data import toy_world
+
+    model.eval()
+    images, form, colour = toy_world.attribute_batch(np.random.default_rng([seed, 13]), n, size)
+    device = next(model.parameters()).device
+    form_logits, colour_logits = model(normalise(torch.as_tensor(images, device=device)))
+    things = colour >= 0
+    model.train()
+    return {"form": (form_logits.argmax(-1).cpu().numpy() == form).mean().item(),
+            "colour": (colour_logits.argmax(-1).cpu().numpy() == colour)[things].mean().item()}
+
+
+def train_backbone(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
+    """Pre-train the segmentation backbone on attribute classification of toy images: what
+    ImageNet pre-training is to FreeSeg's ResNet-101. Writes `resnet.pth`, a plain ResNet state
+    dict that `model.backbone.weights` loads."""
+    from freeseg.data import toy_world
+    from freeseg.modeling.backbone import build_backbone
+
+    device = dist.init_distributed()[3]
+    engine.seed_everything(cfg.train.seed)
+    model = AttributeClassifier(build_backbone(cfg.model.backbone), len(toy_world.SHAPES) + len(toy_world.STUFF),
+                                len(toy_world.COLORS)).to(device)
+    mean = torch.tensor(cfg.model.pixel_mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.model.pixel_std, device=device).view(1, 3, 1, 1)
+
+    def normalise(images: torch.Tensor) -> torch.Tensor:
+        return (images.to(device).float() - mean) / std  # FreeSeg's input normalisation
+
+    optimizer = engine.build_optimizer(model, cfg.train)
+    start = start_from(out_dir, resume, {"model": model}, optimizer)
+    logger = engine.Logger(out_dir, cfg.train.iterations, start)
+    logger.truncate_after(start)
+    size = cfg.data.image_size
+    for it, (images, form, colour) in enumerate(toy_batches(toy_world.attribute_batch, cfg, start, size), start):
+        engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
+        form_logits, colour_logits = model(normalise(images))
+        loss = F.cross_entropy(form_logits, form.to(device)) + F.cross_entropy(colour_logits, colour.to(device),
+                                                                              ignore_index=-1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        engine.average_gradients(model)
+        optimizer.step()
+
+        if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
+            logger.log(it, {**mean_over_ranks({"loss": loss.detach()}), "lr": optimizer.param_groups[0]["lr"]})
+        if (it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations:
+            engine.save_checkpoint(out_dir / "checkpoint.pt", model=model.state_dict(),
+                                   optimizer=optimizer.state_dict(), iteration=it + 1,
+                                   rng=engine.rng_state(), config=C.to_dict(cfg))
+    accuracy = attribute_accuracy(model, normalise, cfg.train.seed + 1, size)
+    dist.print0(f"backbone pre-training, held-out accuracy: form {100 * accuracy['form']:.2f}%, "
+                f"colour {100 * accuracy['colour']:.2f}%")
+    engine.save_checkpoint(out_dir / "resnet.pth", **model.backbone.state_dict())
+    return out_dir / "resnet.pth"
 
 
 # ---------------------------------------------------------------- stage 1: prompts
@@ -361,7 +451,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
 
 
 def run_toy(args) -> None:
-    """Data -> tiny CLIP -> prompts -> all-task -> evaluation -> demo; each step reuses its output."""
+    """Data -> tiny CLIP -> backbone -> prompts -> all-task -> evaluation -> demo; each step reuses its output."""
     from freeseg.data.prepare_coco import prepare_toy
     from freeseg.evaluation.report import write_results
     from freeseg.evaluation.runner import evaluate_checkpoint
@@ -374,11 +464,13 @@ def run_toy(args) -> None:
     dist.barrier()
 
     stages = []
-    for stage in ("clip", "prompt", "alltask"):
+    for stage in STAGES:
         ckpt = run / stage / "checkpoint.pt"
         cfg = resolve_config(args, stage)
-        if stage != "clip":
+        if stage in ("prompt", "alltask"):
             cfg.model.clip.name = str(run / "clip" / "checkpoint.pt")
+        if stage == "alltask" and not cfg.model.backbone.weights:
+            cfg.model.backbone.weights = str(run / "backbone" / "resnet.pth")
         done = ckpt.exists() and engine.load_checkpoint(ckpt)["iteration"] >= cfg.train.iterations
         if done:
             dist.print0(f"[toy] {stage}: reusing {ckpt}")
@@ -387,6 +479,8 @@ def run_toy(args) -> None:
             (run / stage).mkdir(parents=True, exist_ok=True)
             if stage == "clip":
                 train_clip(cfg, run / stage, resume=True)
+            elif stage == "backbone":
+                train_backbone(cfg, run / stage, resume=True)
             elif stage == "prompt":
                 train_prompt(cfg, run / stage, resume=True)
             else:
@@ -408,11 +502,16 @@ def main(argv=None) -> None:
         return
     if args.stage == "clip" and args.dataset != "toy":
         raise SystemExit("--stage clip trains the toy world's tiny CLIP; real datasets use OpenAI's CLIP")
+    if args.stage == "backbone" and args.dataset != "toy":
+        raise SystemExit("--stage backbone pre-trains the toy world's backbone; real datasets start from "
+                         "ImageNet weights (--set model.backbone.weights=R-103.pkl)")
     cfg = resolve_config(args, args.stage)
     out_dir = Path(args.output_dir or f"runs/{args.dataset}/{args.stage}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.stage == "clip":
         train_clip(cfg, out_dir, args.resume)
+    elif args.stage == "backbone":
+        train_backbone(cfg, out_dir, args.resume)
     elif args.stage == "prompt":
         train_prompt(cfg, out_dir, args.resume)
     else:

@@ -32,13 +32,15 @@ def toy_run(tmp_path_factory):
 
 
 # A fraction of the default toy recipe (freeseg/config.py); every stage still runs.
-SMALL = ["clip:train.iterations=500", "prompt:train.iterations=100", "alltask:train.iterations=300",
+SMALL = ["clip:train.iterations=500", "backbone:train.iterations=200", "prompt:train.iterations=100",
+         "alltask:train.iterations=300",
          "train.checkpoint_every=10000", "train.log_every=100"]
 
 
 def test_every_stage_leaves_its_output(toy_run):
-    for stage in ("clip", "prompt", "alltask"):
+    for stage in train.STAGES:
         assert (toy_run / stage / "checkpoint.pt").is_file(), stage
+    assert (toy_run / "backbone" / "resnet.pth").is_file()
     assert (toy_run / "demo.png").is_file()
     results = json.loads((toy_run / "results.json").read_text())
     assert set(results) == {"semantic", "panoptic", "instance"}

@@ -67,3 +67,38 @@ def test_clip_batch_and_zero_shot_set():
     # A single-stuff image is made of that texture: sky is smooth, grass is not.
     sky, grass = images[2 * (30 + STUFF.index("sky"))], images[2 * (30 + STUFF.index("grass"))]
     assert np.abs(np.diff(sky.astype(int), axis=2)).mean() < np.abs(np.diff(grass.astype(int), axis=2)).mean()
+
+
+def test_region_crops_cut_segments_as_the_region_classifier_does():
+    import torch
+
+    from freeseg.data.toy_world import CLIP_MEAN_255, region_crops
+    from freeseg.modeling.region_classifier import crop_masked_regions
+
+    images, labels = region_crops(np.random.default_rng(3), 12, 32, expand=(1.5, 1.5), jitter=False)
+    assert images.shape == (12, 3, 32, 32) and images.dtype == np.uint8
+    assert set(labels.tolist()) <= set(range(len(NAMES)))
+    # The same generator state renders the same first scene: its first crop is the region
+    # classifier's crop of that segment, rounded to uint8.
+    rng = np.random.default_rng(3)
+    scene = render_scene(rng, size=96)
+    seg = scene["segments"][rng.permutation(len(scene["segments"]))[0]]
+    image = torch.from_numpy(scene["image"]).permute(2, 0, 1).float()
+    want = crop_masked_regions(image, torch.from_numpy(seg["mask"])[None], 32, 1.5, CLIP_MEAN_255)[0]
+    assert labels[0] == seg["category_id"]
+    assert np.array_equal(images[0], want.round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+def test_attribute_batch_labels_shape_texture_and_colour():
+    from freeseg.data.toy_world import COLORS, SHAPES, attribute_batch
+
+    images, form, colour = attribute_batch(np.random.default_rng(0), 200, size=48)
+    assert images.shape == (200, 3, 48, 48) and images.dtype == np.uint8
+    assert set(form.tolist()) == set(range(len(SHAPES) + len(STUFF)))
+    stuff = form >= len(SHAPES)
+    assert (colour[stuff] == -1).all() and set(colour[~stuff].tolist()) == set(range(len(COLORS)))
+    # A thing's colour label is the colour of its pixels: the centre pixel is closest to it.
+    palette = np.array(list(COLORS.values()), dtype=float)
+    for image, c in zip(images[~stuff][:20], colour[~stuff][:20]):
+        centre = image[:, 24, 24].astype(float)
+        assert np.argmin(((palette * 0.97 - centre) ** 2).sum(1)) == c

@@ -229,3 +229,20 @@ def test_checkpoint_of_another_model_size_is_a_clear_error(alltask_runs, tmp_pat
     torch.save(ckpt, edited)
     with pytest.raises(ValueError, match=r"edited\.pt does not fit the model its config describes"):
         load_model(edited)
+
+
+def test_backbone_stage_writes_weights_the_alltask_stage_loads(tmp_path):
+    from freeseg.config import get_preset
+    from freeseg.modeling.backbone import build_backbone
+
+    _train(["--dataset", "toy", "--stage", "backbone", "--output-dir", "bb", "--set", "train.iterations=2",
+            "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=100"], tmp_path)
+    assert [r["iter"] for r in _metrics(tmp_path / "bb")] == [1, 2]
+    cfg = get_preset("toy").model.backbone
+    cfg.weights = str(tmp_path / "bb" / "resnet.pth")
+    loaded = build_backbone(cfg)  # strict: every key of the toy ResNet, nothing else
+    state = torch.load(tmp_path / "bb" / "checkpoint.pt", weights_only=False)["model"]
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, state[f"backbone.{name}"]), name
+    result = _train(["--dataset", "coco", "--stage", "backbone"], tmp_path, expect_rc=1)
+    assert "ImageNet" in result.stderr

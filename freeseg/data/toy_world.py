@@ -18,8 +18,11 @@ Seen/unseen split (paper section 4.1 holds out 15 of 171 COCO-Stuff classes; we 
 one stuff texture:
     unseen = red star, orange cross, yellow circle, green square, blue triangle, purple star, water
 
-Also the tiny CLIP's pre-training data: `sample_clip_batch` (image-caption pairs over ALL classes,
-as CLIP saw the web) and `zero_shot_eval_set` (single-class crops for zero-shot accuracy).
+Also the data of the two pre-trainings that stand in for the web and for ImageNet:
+`sample_clip_batch` (the tiny CLIP's image-caption pairs over ALL classes, as CLIP saw the web;
+with `region_crops`, segments cut out of scenes as the region classifier cuts them),
+`zero_shot_eval_set` (single-class images for zero-shot accuracy) and `attribute_batch` (the
+backbone's shape/texture and colour classification, the toy world's ImageNet).
 Everything is deterministic given the seed (numpy Generator seeded per image).
 """
 
@@ -41,8 +44,12 @@ THING_NAMES = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
 NAMES = THING_NAMES + STUFF
 # CLIP's pixel mean (0-255): the fill of masked-out pixels in region crops (paper section 3.3).
 CLIP_MEAN_255 = tuple(255 * m for m in CLIP_MEAN)
-THING_TEMPLATES = ("a photo of {}.", "{}.", "a picture of {}.", "a drawing of {}.")  # {} = "a red circle"
-STUFF_TEMPLATES = ("a photo of {}.", "{}.", "a picture of {}.", "a texture of {}.")
+# Captions of several lengths: the prompt learner later puts the class words after up to ten
+# other tokens, and a text tower only knows the positions its captions reached.
+THING_TEMPLATES = ("a photo of {}.", "{}.", "a picture of {}.", "a drawing of {}.",  # {} = "a red circle"
+                   "there is {} in the scene.", "a close-up photo of {} in the picture.")
+STUFF_TEMPLATES = ("a photo of {}.", "{}.", "a picture of {}.", "a texture of {}.",
+                   "there is {} in the scene.", "a close-up photo of {} in the picture.")
 
 
 def toy_categories() -> list[dict]:
@@ -223,31 +230,100 @@ def _caption(rng: np.random.Generator, cls: int) -> str:
     return STUFF_TEMPLATES[rng.integers(len(STUFF_TEMPLATES))].format(NAMES[cls])
 
 
+def region_crops(rng: np.random.Generator, n: int, size: int, scene_size: int = 96,
+                 expand: tuple[float, float] = (1.2, 2.0), jitter: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """`n` segments cut out of rendered scenes exactly as FreeSeg's region classifier cuts mask
+    proposals (box grown by a random factor in `expand`, CLIP's mean outside the mask, bicubic
+    resize to `size`) -> (uint8 (n, 3, size, size), int64 class ids).
+
+    A real CLIP has seen objects at every scale and in every clutter on the web; the toy CLIP
+    sees them here. With `jitter`, half of the masks are grown or shrunk by a pixel, like
+    imperfect proposals.
+    """
+    import torch
+
+    from freeseg.modeling.region_classifier import crop_masked_regions
+
+    images, labels = np.zeros((n, 3, size, size), dtype=np.uint8), np.zeros(n, dtype=np.int64)
+    i = 0
+    while i < n:
+        scene = render_scene(rng, size=scene_size)
+        image = torch.from_numpy(scene["image"]).permute(2, 0, 1).float()
+        for seg in rng.permutation(len(scene["segments"])):
+            if i == n:
+                break
+            seg = scene["segments"][seg]
+            mask = seg["mask"]
+            u = rng.random() if jitter else 1.0
+            if u < 0.25:
+                mask = ndimage.binary_dilation(mask)
+            elif u < 0.5 and ndimage.binary_erosion(mask).any():
+                mask = ndimage.binary_erosion(mask)
+            crop = crop_masked_regions(image, torch.from_numpy(mask)[None], size, rng.uniform(*expand), CLIP_MEAN_255)
+            images[i] = crop[0].round().clamp(0, 255).to(torch.uint8).numpy()
+            labels[i] = seg["category_id"]
+            i += 1
+    return images, labels
+
+
+def scene_caption(rng: np.random.Generator, things: list[int], stuff: int | None) -> str:
+    """"a photo of a red circle, a blue star and a green cross on grass.": one to three of the
+    scene's things (random order), the largest stuff, and "a photo of" half of the time."""
+    named = [with_article(NAMES[c]) for c in rng.permutation(things)[: rng.integers(1, 4)]]
+    if not named:  # every thing was hidden: a stuff picture
+        return f"a photo of {NAMES[stuff]}."
+    text = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+    text = f"{text} on {NAMES[stuff]}" if stuff is not None else text
+    return f"a photo of {text}." if rng.random() < 0.5 else f"{text}."
+
+
 def sample_clip_batch(rng: np.random.Generator, n: int, size: int = 64) -> tuple[np.ndarray, list[str]]:
     """`n` image-caption pairs over all 35 classes -> (uint8 (n, 3, size, size), captions).
 
-    60% single things ("a photo of a red circle."), 20% stuff patches ("a photo of grass."),
-    half of both mean-filled outside the mask; 20% whole scenes captioned with one or two of
-    their things ("a red circle and a blue star on grass."). Single-class captions name exactly
-    one class, so the same-caption positives of the contrastive loss are the same class.
+    40% single things ("a photo of a red circle.") and 10% stuff patches drawn at `size`, half
+    of both mean-filled outside the mask; 35% segments cut out of 96-px scenes as the region
+    classifier cuts them (`region_crops`); 15% whole scenes captioned with one to three of their
+    things (`scene_caption`). Single-class captions name exactly one class, so the same-caption
+    positives of the contrastive loss are the same class.
     """
     images = np.zeros((n, 3, size, size), dtype=np.uint8)
-    captions = []
-    for i in range(n):
-        u = rng.random()
-        if u < 0.8:
-            cls = int(rng.integers(len(THING_NAMES))) if u < 0.6 else len(THING_NAMES) + int(rng.integers(len(STUFF)))
+    captions = [""] * n
+    kind = rng.choice(4, size=n, p=[0.4, 0.1, 0.35, 0.15])
+    crops = np.flatnonzero(kind == 2)
+    images[crops], crop_labels = region_crops(rng, len(crops), size)
+    for i, cls in zip(crops, crop_labels):
+        captions[i] = _caption(rng, int(cls))
+    for i in np.flatnonzero(kind != 2):
+        if kind[i] < 2:
+            cls = int(rng.integers(len(THING_NAMES))) if kind[i] == 0 else len(THING_NAMES) + int(rng.integers(len(STUFF)))
             images[i] = _single_class_image(rng, cls, size, rng.random() < 0.5).transpose(2, 0, 1)
-            captions.append(_caption(rng, cls))
+            captions[i] = _caption(rng, cls)
             continue
         scene = render_scene(rng, size=size, min_thing=size // 5, max_thing=size // 2)
         things = sorted({s["category_id"] for s in scene["segments"] if s["isthing"]})
         stuff = max((s for s in scene["segments"] if not s["isthing"]), key=lambda s: s["mask"].sum(), default=None)
-        named = rng.permutation(things)[: rng.integers(1, 3)]
-        text = " and ".join(with_article(NAMES[c]) for c in named)
-        captions.append(f"{text} on {NAMES[stuff['category_id']]}." if stuff is not None else f"{text}.")
+        captions[i] = scene_caption(rng, things, stuff["category_id"] if stuff is not None else None)
         images[i] = scene["image"].transpose(2, 0, 1)
     return images, captions
+
+
+def attribute_batch(rng: np.random.Generator, n: int, size: int = 48) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The toy world's "ImageNet": labelled single-class images for pre-training the backbone.
+
+    -> (uint8 (n, 3, size, size), form (n,), colour (n,)). The labels are attributes, never
+    segmentation classes: `form` is the shape (0-4, SHAPES) of a thing or 5 + the texture
+    (STUFF) of a stuff patch; `colour` is the thing's colour (0-5, COLORS), -1 for stuff.
+    Every class appears, unseen ones included, as ImageNet holds pictures of COCO's unseen
+    classes. At 48 px the objects are 22-41 px across, the size of things in 96-px scenes.
+    """
+    images = np.zeros((n, 3, size, size), dtype=np.uint8)
+    classes = rng.integers(len(NAMES), size=n)
+    for i, cls in enumerate(classes):
+        images[i] = _single_class_image(rng, int(cls), size, mean_fill=False).transpose(2, 0, 1)
+    things = classes < len(THING_NAMES)
+    form = np.where(things, classes % len(SHAPES), len(SHAPES) + classes - len(THING_NAMES))
+    colour = np.where(things, classes // len(SHAPES), -1)
+    return images, form.astype(np.int64), colour.astype(np.int64)
 
 
 def zero_shot_eval_set(seed: int, n_per_class: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:

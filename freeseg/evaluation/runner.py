@@ -44,6 +44,7 @@ def load_model(path: str | Path, device: str = "cpu"):
     clip_state = {k[len("clip_model."):]: v for k, v in state.items() if k.startswith("clip_model.")}
     clip_model = clip.build_model(clip_state)
     tokenizer = tokenizer_for(ckpt.get("merges"))
+    cfg.model.backbone.weights = ""  # the backbone's pre-trained start is superseded by the checkpoint
     model = build_freeseg(cfg, clip_model, tokenizer)
     try:
         model.load_state_dict(state)
