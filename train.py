@@ -388,6 +388,10 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
     from freeseg.modeling.freeseg import build_freeseg
     from freeseg.modeling.targets import task_targets
 
+    if cfg.model.backbone.freeze_at > 0 and not cfg.model.backbone.weights:
+        raise ValueError(f"model.backbone.freeze_at={cfg.model.backbone.freeze_at} would freeze randomly "
+                         "initialised layers: set model.backbone.weights (toy world: runs/toy/backbone/resnet.pth "
+                         "from `train.py --dataset toy --stage backbone`)")
     device = dist.init_distributed()[3]
     engine.seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
     clip_model, tokenizer = engine.load_clip(cfg.model.clip.name)

@@ -260,7 +260,13 @@ def _ade() -> Config:
 def _toy() -> Config:
     """The miniature world: the same modules at tiny widths, sized to train on a laptop CPU."""
     cfg = Config()
-    cfg.model.backbone = BackboneConfig(depth=18, stem="basic", width=16, res5_multi_grid=(1, 1, 1), norm="gn")
+    # Starts from the backbone stage (`toy_backbone`, the toy world's ImageNet; train.py sets
+    # `weights`) and stays frozen: fine-tuning it in the all-task stage wiped out its shape
+    # features (a linear probe of shape on mask-pooled res3 features fell from 61% to 33%, and
+    # the mask classifier named the shape of seen things at chance); frozen, the mask classifier
+    # names it 43% of the time and toy mIoU rose from 32.0 to 39.7 (README).
+    cfg.model.backbone = BackboneConfig(depth=18, stem="basic", width=16, res5_multi_grid=(1, 1, 1), norm="gn",
+                                        freeze_at=5)
     cfg.model.pixel_decoder = PixelDecoderConfig(
         conv_dim=64, mask_dim=64, num_encoder_layers=1, num_heads=4, num_points=4, ffn_dim=128, num_groups=8,
         dropout=0.0,
@@ -271,7 +277,8 @@ def _toy() -> Config:
     cfg.model.interaction = InteractionConfig(attn_dim=128, num_heads=4, dropout=0.0)
     # The tiny CLIP has only ever read captions, so random context vectors start it far from
     # anything it knows and the prompt stage does not recover in a few hundred steps (10%
-    # accuracy); starting the class context as the words "a photo of a" (CoOp) starts at 65%.
+    # accuracy with an earlier tiny CLIP); starting the class context as the words "a photo of a"
+    # (CoOp) starts at 89% on seen-class crops and reaches 97% in 300 steps.
     cfg.model.prompt = PromptConfig(class_ctx=4, task_ctx=2, ctx_init="a photo of a")
     # 24 tokens hold a full prompt (task words + 2 task vectors + SOS + 4 class vectors + class
     # words + "." + EOT: EOT at position 13-14). The tiny CLIP's captions must reach such positions
@@ -320,6 +327,7 @@ def _toy_backbone() -> Config:
     """Pre-training of the toy backbone on shape/texture and colour labels: the toy world's
     ImageNet (FreeSeg starts from an ImageNet-pretrained ResNet-101, paper section 4.1)."""
     cfg = _toy()
+    cfg.model.backbone.freeze_at = 0
     cfg.data.image_size = 48  # objects 22-41 px across, as things in the 96-px scenes
     cfg.train = TrainConfig(
         stage="backbone", optimizer="adamw", lr=3e-3, weight_decay=0.05, schedule="cosine",

@@ -30,7 +30,7 @@ COMMON = ["train.seed=0", "train.log_every=1", "data.num_workers=0", "train.warm
 PROMPT = COMMON + ["train.batch_size=4", "train.iterations=3", "train.checkpoint_every=100"]
 ALLTASK = COMMON + [
     "train.batch_size=4", "train.iterations=4", "train.checkpoint_every=2", "train.clip_grad_norm=1.0",
-    "data.image_size=64", "model.decoder.num_queries=5", "model.backbone.norm=gn",
+    "data.image_size=64", "model.decoder.num_queries=5", "model.backbone.norm=gn", "model.backbone.freeze_at=0",
     "model.pixel_decoder.dropout=0", "model.decoder.dropout=0", "model.interaction.dropout=0",
 ]
 KILL_AFTER = 3  # the killed run dies right after logging iteration 3, one past its checkpoint at 2
@@ -246,3 +246,9 @@ def test_backbone_stage_writes_weights_the_alltask_stage_loads(tmp_path):
         assert torch.equal(value, state[f"backbone.{name}"]), name
     result = _train(["--dataset", "coco", "--stage", "backbone"], tmp_path, expect_rc=1)
     assert "ImageNet" in result.stderr
+
+
+def test_alltask_refuses_to_freeze_a_random_backbone(tmp_path):
+    # The toy preset freezes its backbone, which must come from the backbone stage.
+    result = _train(["--dataset", "toy", "--stage", "alltask", "--output-dir", "a"], tmp_path, expect_rc=1)
+    assert "model.backbone.weights" in result.stderr and "freeze_at=5" in result.stderr
