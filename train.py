@@ -14,7 +14,6 @@ section 4.1 (settings); defaults in `freeseg/config.py`.
 
 import argparse
 import os
-import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,8 +24,9 @@ import torch.nn.functional as F
 from freeseg import config as C
 from freeseg import distributed as dist
 from freeseg import engine
+from freeseg.modeling.targets import TASKS
+from freeseg.toy_pretraining import train_backbone, train_clip
 
-TASKS = ("semantic", "instance", "panoptic")
 STAGES = ("clip", "backbone", "prompt", "alltask")  # the first two only for the toy world
 
 
@@ -74,27 +74,6 @@ def prepared_dir(cfg: C.Config) -> Path:
     return Path(cfg.data.root) / "freeseg" / cfg.data.dataset
 
 
-def start_from(out_dir: Path, resume: bool, modules: dict, optimizer) -> int:
-    """Load the run's checkpoint when resuming; returns the first iteration to run."""
-    path = out_dir / "checkpoint.pt"
-    if not (resume and path.exists()):
-        return 0
-    ckpt = engine.load_checkpoint(path)
-    for key, module in modules.items():
-        module.load_state_dict(ckpt[key])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    engine.set_rng_state(ckpt["rng"])
-    dist.print0(f"resumed from {path} at iteration {ckpt['iteration']}")
-    return ckpt["iteration"]
-
-
-def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    keys = sorted(values)
-    stacked = torch.stack([values[k].detach().float().cpu() for k in keys])
-    stacked = dist.all_reduce_sum(stacked) / dist.get_world_size()
-    return dict(zip(keys, stacked.tolist()))
-
-
 def seen_vocabulary(prep: Path):
     """Names of the seen classes, and a map from dataset class id to seen-class index."""
     from freeseg.data.datasets import load_meta
@@ -106,229 +85,12 @@ def seen_vocabulary(prep: Path):
     return [cats[i]["name"] for i in seen_ids], remap
 
 
-# ---------------------------------------------------------------- stage 0: tiny CLIP (toy world)
-
-
-class ToyStream(torch.utils.data.IterableDataset):
-    """Toy batches drawn on the fly: batch `it` is draw(generator seeded (seed, it, rank), batch, size)."""
-
-    def __init__(self, draw, seed: int, rank: int, start: int, stop: int, batch: int, size: int):
-        self.draw, self.seed, self.rank, self.start, self.stop = draw, seed, rank, start, stop
-        self.batch, self.size = batch, size
-
-    def __iter__(self):
-        for it in range(self.start, self.stop):
-            yield self.draw(np.random.default_rng([self.seed, it, self.rank]), self.batch, size=self.size)
-
-
-def toy_batches(draw, cfg: C.Config, start: int, size: int) -> torch.utils.data.DataLoader:
-    """One worker process draws the toy images while the main process trains (as a real data
-    pipeline runs beside the GPUs); the batches depend only on (seed, iteration, rank)."""
-    stream = ToyStream(draw, cfg.train.seed, dist.get_rank(), start, cfg.train.iterations,
-                       cfg.train.batch_size // dist.get_world_size(), size)
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
-
-
-def toy_class_caption(name: str) -> str:
-    """The caption zero-shot classification compares an image with ("a photo of a red circle.")."""
-    from freeseg.data import toy_world
-
-    return f"a photo of {toy_world.with_article(name) if name in toy_world.THING_NAMES else name}."
-
-
-def toy_caption_key(caption: str) -> str:
-    """The classes a toy caption names, sorted: what makes two captions mean the same image content."""
-    from freeseg.data import toy_world
-
-    words = caption.rstrip(".")
-    named = sorted(n for n in toy_world.NAMES if re.search(rf"\b{n}\b", words))
-    return "|".join(named)
-
-
-def toy_caption_corpus() -> list[str]:
-    """Every caption form the toy world writes, once per class: the text the BPE merges are learned on."""
-    from freeseg.data import toy_world
-    from freeseg.modeling.prompts import task_sentence
-
-    corpus = [t.format(toy_world.with_article(n)) for n in toy_world.THING_NAMES for t in toy_world.THING_TEMPLATES]
-    corpus += [t.format(n) for n in toy_world.STUFF for t in toy_world.STUFF_TEMPLATES]
-    names = toy_world.THING_NAMES
-    corpus += [f"a photo of {toy_world.with_article(a)}, {toy_world.with_article(b)} and {toy_world.with_article(c)} on {s}."
-               for a, b, c, s in zip(names, names[1:], names[2:], toy_world.STUFF * 6)]
-    # The task sentences the prompt learner puts in front of every prompt ("semantic segmentation.")
-    # should be words of the vocabulary too, not strings of single bytes.
-    corpus += [task_sentence(t) for t in TASKS] * 4
-    return corpus
-
-
-@torch.no_grad()
-def zero_shot_accuracy(model, tokenizer, seed: int, per_class: int = 20) -> dict[str, float]:
-    """Top-1 zero-shot classification over ALL toy classes of held-out images:
-    "single": one object or stuff patch per image (what the zero-shot target counts);
-    "regions": segments cut out of scenes as the region classifier cuts them (35 * per_class)."""
-    from freeseg import clip
-    from freeseg.data import toy_world
-
-    model.eval()  # BatchNorm with its running statistics, as the frozen CLIP is used later
-    device = model.logit_scale.device
-    mean = torch.tensor(clip.CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(clip.CLIP_STD, device=device).view(1, 3, 1, 1) * 255
-    tokens = tokenizer([toy_class_caption(n) for n in toy_world.NAMES], context_length=model.context_length)
-    text = F.normalize(model.encode_text(tokens.to(device)), dim=-1)  # (K, E)
-    sets = {
-        "single": toy_world.zero_shot_eval_set(seed, per_class, size=model.input_resolution),
-        "regions": toy_world.region_crops(np.random.default_rng([seed, 11]), len(toy_world.NAMES) * per_class,
-                                          model.input_resolution, expand=(1.5, 1.5), jitter=False),
-    }
-    accuracy = {}
-    for name, (images, labels) in sets.items():
-        images = (torch.as_tensor(images, device=device).float() - mean) / std
-        image = torch.cat([F.normalize(model.encode_image(x), dim=-1) for x in images.split(256)])  # (N, E)
-        accuracy[name] = ((image @ text.t()).argmax(-1).cpu() == torch.as_tensor(labels)).float().mean().item()
-    return accuracy
-
-
-def train_clip(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
-    """Contrastive pre-training of a tiny CLIP on captioned toy scenes of ALL classes."""
-    from freeseg import clip
-
-    device = dist.init_distributed()[3]
-    engine.seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
-    c = cfg.model.clip
-    merges = clip.learn_bpe(toy_caption_corpus(), c.bpe_merges)  # a vocabulary from the toy captions
-    tokenizer = clip.Tokenizer(merges=merges)
-    model = clip.CLIP(
-        embed_dim=c.embed_dim, image_resolution=c.image_resolution, vision_layers=tuple(c.vision_layers),
-        vision_width=c.vision_width, vision_patch_size=None, context_length=c.context_length,
-        vocab_size=tokenizer.vocab_size, transformer_width=c.text_width, transformer_heads=c.text_heads,
-        transformer_layers=c.text_layers,
-    ).to(device)
-    mean = torch.tensor(clip.CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(clip.CLIP_STD, device=device).view(1, 3, 1, 1) * 255
-    optimizer = engine.build_optimizer(model, cfg.train)
-    start = start_from(out_dir, resume, {"model": model}, optimizer)
-    logger = engine.Logger(out_dir, cfg.train.iterations, start)
-    logger.truncate_after(start)
-    from freeseg.data import toy_world
-
-    for it, (images, captions) in enumerate(toy_batches(toy_world.sample_clip_batch, cfg, start, c.image_resolution), start):
-        engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
-        images = (images.to(device).float() - mean) / std  # (B, 3, R, R)
-        tokens = tokenizer(captions, context_length=c.context_length).to(device)  # (B, T)
-        logits_per_image, logits_per_text = model(images, tokens)  # (B, B) each
-        # Symmetric InfoNCE; two pairs whose captions name the same classes ("a red circle." and
-        # "a photo of a red circle.") are positives of each other, not negatives.
-        _, caption_id = np.unique([toy_caption_key(t) for t in captions], return_inverse=True)
-        caption_id = torch.as_tensor(caption_id, device=device)
-        positives = (caption_id[:, None] == caption_id[None, :]).float()
-        targets = positives / positives.sum(1, keepdim=True)
-        loss = 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        engine.average_gradients(model)
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))  # CLIP caps the temperature at 100
-
-        if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
-            logger.log(it, {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                            "logit_scale": model.logit_scale.exp().item()})
-        if (it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations:
-            engine.save_checkpoint(out_dir / "checkpoint.pt", model=model.state_dict(), merges=merges,
-                                   optimizer=optimizer.state_dict(), iteration=it + 1, rng=engine.rng_state(),
-                                   config=C.to_dict(cfg))
-    accuracy = zero_shot_accuracy(model, tokenizer, seed=cfg.train.seed + 1)
-    dist.print0(f"tiny CLIP zero-shot accuracy over all toy classes: {100 * accuracy['single']:.2f}% "
-                f"(segments cut out of scenes: {100 * accuracy['regions']:.2f}%)")
-    engine.save_checkpoint(out_dir / "checkpoint.pt", model=model.state_dict(), merges=merges,
-                           optimizer=optimizer.state_dict(), iteration=cfg.train.iterations,
-                           rng=engine.rng_state(), config=C.to_dict(cfg), zero_shot_accuracy=accuracy['single'],
-                           region_accuracy=accuracy['regions'])
-    return out_dir / "checkpoint.pt"
-
-
-# ---------------------------------------------------------------- stage 0b: the backbone's "ImageNet" (toy world)
-
-
-class AttributeClassifier(torch.nn.Module):
-    """The segmentation backbone plus a linear head on its pooled res5: form (shape or texture)
-    logits, then colour logits."""
-
-    def __init__(self, backbone: torch.nn.Module, num_forms: int, num_colours: int):
-        super().__init__()
-        self.backbone, self.num_forms = backbone, num_forms
-        self.fc = torch.nn.Linear(backbone.out_channels["res5"], num_forms + num_colours)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.fc(self.backbone(images)["res5"].mean(dim=(2, 3)))  # (B, forms + colours)
-        return logits[:, :self.num_forms], logits[:, self.num_forms:]
-
-
-@torch.no_grad()
-def attribute_accuracy(model: AttributeClassifier, normalise, seed: int, size: int, n: int = 700) -> dict[str, float]:
-    from freeseg.data import toy_world
-
-    model.eval()
-    images, form, colour = toy_world.attribute_batch(np.random.default_rng([seed, 13]), n, size)
-    device = next(model.parameters()).device
-    form_logits, colour_logits = model(normalise(torch.as_tensor(images, device=device)))
-    things = colour >= 0
-    model.train()
-    return {"form": (form_logits.argmax(-1).cpu().numpy() == form).mean().item(),
-            "colour": (colour_logits.argmax(-1).cpu().numpy() == colour)[things].mean().item()}
-
-
-def train_backbone(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
-    """Pre-train the segmentation backbone on attribute classification of toy images: what
-    ImageNet pre-training is to FreeSeg's ResNet-101. Writes `resnet.pth`, a plain ResNet state
-    dict that `model.backbone.weights` loads."""
-    from freeseg.data import toy_world
-    from freeseg.modeling.backbone import build_backbone
-
-    device = dist.init_distributed()[3]
-    engine.seed_everything(cfg.train.seed)
-    model = AttributeClassifier(build_backbone(cfg.model.backbone), len(toy_world.SHAPES) + len(toy_world.STUFF),
-                                len(toy_world.COLORS)).to(device)
-    mean = torch.tensor(cfg.model.pixel_mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.model.pixel_std, device=device).view(1, 3, 1, 1)
-
-    def normalise(images: torch.Tensor) -> torch.Tensor:
-        return (images.to(device).float() - mean) / std  # FreeSeg's input normalisation
-
-    optimizer = engine.build_optimizer(model, cfg.train)
-    start = start_from(out_dir, resume, {"model": model}, optimizer)
-    logger = engine.Logger(out_dir, cfg.train.iterations, start)
-    logger.truncate_after(start)
-    size = cfg.data.image_size
-    for it, (images, form, colour) in enumerate(toy_batches(toy_world.attribute_batch, cfg, start, size), start):
-        engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
-        form_logits, colour_logits = model(normalise(images))
-        loss = F.cross_entropy(form_logits, form.to(device)) + F.cross_entropy(colour_logits, colour.to(device),
-                                                                              ignore_index=-1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        engine.average_gradients(model)
-        optimizer.step()
-
-        if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
-            logger.log(it, {**mean_over_ranks({"loss": loss.detach()}), "lr": optimizer.param_groups[0]["lr"]})
-        if (it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations:
-            engine.save_checkpoint(out_dir / "checkpoint.pt", model=model.state_dict(),
-                                   optimizer=optimizer.state_dict(), iteration=it + 1,
-                                   rng=engine.rng_state(), config=C.to_dict(cfg))
-    accuracy = attribute_accuracy(model, normalise, cfg.train.seed + 1, size)
-    dist.print0(f"backbone pre-training, held-out accuracy: form {100 * accuracy['form']:.2f}%, "
-                f"colour {100 * accuracy['colour']:.2f}%")
-    engine.save_checkpoint(out_dir / "resnet.pth", **model.backbone.state_dict())
-    return out_dir / "resnet.pth"
-
-
 # ---------------------------------------------------------------- stage 1: prompts
 
 
 def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
     """Learn the class and task prompts: classify cut-out segments of seen classes with CLIP."""
-    from freeseg.clip import CLIP_MEAN, CLIP_STD
+    from freeseg.clip import normalize_pixels
     from freeseg.data.datasets import SegmentCropDataset
     from freeseg.modeling.prompts import build_prompts
     from freeseg.modeling.region_classifier import clip_logit_scale
@@ -342,12 +104,10 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
     names, remap = seen_vocabulary(prep)
     crops = SegmentCropDataset(prep, cfg.data.train_split, size=clip_model.input_resolution,
                                expand_ratio=cfg.inference.mask_expand_ratio)
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255
     # CLIP's own temperature: 100 for OpenAI's CLIP (the official value), ~15 for the toy CLIP.
     scale = clip_logit_scale(clip_model)
     optimizer = engine.build_optimizer(prompts, cfg.train)
-    start = start_from(out_dir, resume, {"model": prompts}, optimizer)
+    start = engine.start_from(out_dir, resume, {"model": prompts}, optimizer)
     logger = engine.Logger(out_dir, cfg.train.iterations, start)
     logger.truncate_after(start)
     loader = engine.make_loader(engine.SeededDataset(crops), cfg, start)
@@ -358,7 +118,7 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
         labels = remap[torch.tensor([b[1] for b in batch])].to(device)  # (B,) seen-class index
         task = TASKS[np.random.default_rng([cfg.train.seed, it]).integers(len(TASKS))]
         with torch.no_grad():
-            image_features = F.normalize(clip_model.encode_image((images - mean) / std), dim=-1)  # (B, E)
+            image_features = F.normalize(clip_model.encode_image(normalize_pixels(images)), dim=-1)  # (B, E)
         text_features = prompts(names, task)  # (K, E), normalised
         logits = scale * image_features @ text_features.t()  # (B, K)
         loss = F.cross_entropy(logits, labels)
@@ -369,7 +129,7 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
 
         if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
             acc = (logits.argmax(-1) == labels).float().mean()
-            logger.log(it, {**mean_over_ranks({"loss": loss, "acc": acc}), "lr": optimizer.param_groups[0]["lr"]})
+            logger.log(it, {**engine.mean_over_ranks({"loss": loss, "acc": acc}), "lr": optimizer.param_groups[0]["lr"]})
         if (it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations:
             engine.save_checkpoint(out_dir / "checkpoint.pt", model=prompts.state_dict(),
                                    optimizer=optimizer.state_dict(), iteration=it + 1,
@@ -406,7 +166,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
                                 build_transforms(cfg.data, train=True))
     criterion = build_criterion(cfg.loss)
     optimizer = engine.build_optimizer(model, cfg.train)
-    start = start_from(out_dir, resume, {"model": model}, optimizer)
+    start = engine.start_from(out_dir, resume, {"model": model}, optimizer)
     logger = engine.Logger(out_dir, cfg.train.iterations, start)
     logger.truncate_after(start)
     loader = engine.make_loader(data, cfg, start)
@@ -434,7 +194,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
 
         if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
             main_losses = {k: v for k, v in losses.items() if not k[-1].isdigit()}
-            logger.log(it, {**mean_over_ranks({"loss": loss.detach(), **main_losses}),
+            logger.log(it, {**engine.mean_over_ranks({"loss": loss.detach(), **main_losses}),
                             "lr": optimizer.param_groups[0]["lr"]})
         evaluate_now = cfg.train.eval_every > 0 and (it + 1) % cfg.train.eval_every == 0
         if (it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations or evaluate_now:

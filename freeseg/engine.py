@@ -219,6 +219,28 @@ def tokenizer_for(merges: list | None):
     return clip.Tokenizer(merges=[tuple(m) for m in merges]) if merges else clip.default_tokenizer()
 
 
+def start_from(out_dir: Path, resume: bool, modules: dict, optimizer) -> int:
+    """Load the run's checkpoint when resuming; returns the first iteration to run."""
+    path = out_dir / "checkpoint.pt"
+    if not (resume and path.exists()):
+        return 0
+    ckpt = load_checkpoint(path)
+    for key, module in modules.items():
+        module.load_state_dict(ckpt[key])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    dist.print0(f"resumed from {path} at iteration {ckpt['iteration']}")
+    return ckpt["iteration"]
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalars to log, averaged over ranks (every rank must call it)."""
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float().cpu() for k in keys])
+    stacked = dist.all_reduce_sum(stacked) / dist.get_world_size()
+    return dict(zip(keys, stacked.tolist()))
+
+
 # ---------------------------------------------------------------- logging
 
 

@@ -37,6 +37,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def normalize_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in 0-255 (any dtype) -> float, normalised as CLIP's image tower expects."""
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype (fp16 LayerNorm loses precision)."""
 
