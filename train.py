@@ -173,6 +173,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
     train_model = engine.wrap_ddp(model, device)
     use_amp = cfg.train.amp and device.type == "cuda"
     trainable = [p for p in model.parameters() if p.requires_grad]
+    text_cache = {}  # prompts and CLIP are frozen here: a task's text features never change
 
     for it, samples in enumerate(loader, start):
         engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
@@ -182,8 +183,11 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
         for s in samples:
             t = task_targets(s, task)
             targets.append({"labels": remap[t["labels"]].to(device), "masks": t["masks"].to(device)})
+        if task not in text_cache:
+            with torch.no_grad():
+                text_cache[task] = model.text_features(names, task)
         with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
-            outputs = train_model(images, names, task)
+            outputs = train_model(images, names, task, text_cache[task])
         losses = criterion(outputs, targets)
         loss = sum(criterion.weight_dict[k] * v for k, v in losses.items())
         optimizer.zero_grad(set_to_none=True)

@@ -60,3 +60,41 @@ def test_clip_ensemble_helps_unseen_classes(toy_run):
     ensemble = json.loads((toy_run / "ablation_CLIP_ensemble.json").read_text())
     # 2.9 -> 20.1 when written.
     assert ensemble["semantic"]["mIoU_unseen"] > mask_only["semantic"]["mIoU_unseen"] + 8.0, (mask_only, ensemble)
+
+
+def test_diagnosis_counts_every_segment_and_separates_proposals_from_naming(toy_run, capsys):
+    from freeseg.data.datasets import SegmentationDataset
+    from freeseg.evaluation import diagnose
+    from freeseg.evaluation.runner import load_model
+
+    ckpt = toy_run / "alltask" / "checkpoint.pt"
+    model, cfg, _ = load_model(ckpt)
+    prep = toy_run.parent / "data" / "freeseg" / "toy"
+    rows = diagnose.segment_records(model, cfg, prep, "val", max_images=10)
+    val = SegmentationDataset(prep, "val")
+    assert len(rows) == sum(len(val[i]["labels"]) for i in range(10))
+    assert all(0.0 <= r["best_iou"] <= 1.0 for r in rows)
+    # CLIP on ground-truth crops is the tiny CLIP's own accuracy: far above chance (1/35).
+    assert sum(r["clip_gt"] for r in rows) / len(rows) > 0.5
+    diagnose.main(["--checkpoint", str(ckpt), "--data-root", str(toy_run.parent / "data"), "--max-images", "3"])
+    assert "thing seen" in capsys.readouterr().out
+
+
+def test_diagnosis_summary_is_the_mean_per_group():
+    from freeseg.evaluation.diagnose import summarize
+
+    def row(isthing, seen, iou, right, twin=False):
+        return {"isthing": isthing, "seen": seen, "best_iou": iou, "mask_cls": right, "clip": right,
+                "clip_gt": True, "ensemble": not right, "twin": twin}
+
+    table = summarize([row(True, True, 0.8, True), row(True, True, 0.4, False, twin=True),
+                       row(False, False, 0.9, True)])
+    assert table["thing seen"]["segments"] == 2
+    assert table["thing seen"]["best IoU"] == pytest.approx(0.6)
+    assert table["thing seen"]["IoU>0.5"] == pytest.approx(50.0)
+    assert table["thing seen"]["IoU alone"] == pytest.approx(0.8) and table["thing seen"]["IoU twin"] == pytest.approx(0.4)
+    assert table["stuff unseen"]["IoU twin"] != table["stuff unseen"]["IoU twin"]  # nan: no twin there
+    assert table["thing seen"]["mask cls"] == pytest.approx(50.0)
+    assert table["stuff unseen"]["ensemble"] == pytest.approx(0.0)
+    assert table["all"]["segments"] == 3 and table["all"]["CLIP on GT"] == pytest.approx(100.0)
+    assert list(table)[-1] == "all"

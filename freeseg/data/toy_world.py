@@ -3,7 +3,12 @@
 A stand-in for COCO in which the whole FreeSeg recipe runs on a CPU in minutes. Scenes have
 1-3 "stuff" regions (sky, grass, sand, water, wall: five textures split by wavy boundaries) and
 1-5 "things" (6 colours x 5 shapes = 30 classes such as "red circle" or "blue star") of random
-size, position and rotation, with repeated classes, overlaps and occlusion.
+size (20-48 px across in a 96-px scene), position and rotation, with repeated classes, overlaps
+and occlusion. Things are this large because masks are predicted at stride 4: on the 24x24 mask
+grid of a 96-px image, the best mask a grid can draw (area-averaged, upsampled bilinearly)
+overlaps a 12-36 px thing with IoU 0.85 on average and a 20-48 px thing with 0.91, and the
+same toy model, trained on 20-48 px things instead of 12-36 px, went from 36.9 to 42.0 mIoU
+(README).
 
 Written in the COCO raw layout under `<root>/toy/` (`train2017/`, `val2017/`,
 `annotations/{panoptic,instances}_{train,val}2017.json`, `panoptic_{train,val}2017/`,
@@ -164,7 +169,7 @@ def _place_things(rng: np.random.Generator, hw: tuple[int, int], min_size: int, 
         things = [t for t, k in zip(things, keep) if k]
 
 
-def render_scene(rng: np.random.Generator, size: int = 96, min_thing: int = 12, max_thing: int = 36) -> dict:
+def render_scene(rng: np.random.Generator, size: int = 96, min_thing: int = 20, max_thing: int = 48) -> dict:
     """One scene: {"image": uint8 (H, W, 3), "sem": uint8 (H, W) contiguous toy ids,
     "segments": [{"category_id", "isthing", "mask" (H, W) bool}]} (visible masks, disjoint)."""
     hw = (size, size)
@@ -237,8 +242,8 @@ def region_crops(rng: np.random.Generator, n: int, size: int, scene_size: int = 
     resize to `size`) -> (uint8 (n, 3, size, size), int64 class ids).
 
     A real CLIP has seen objects at every scale and in every clutter on the web; the toy CLIP
-    sees them here. With `jitter`, half of the masks are grown or shrunk by a pixel, like
-    imperfect proposals.
+    sees them here. With `jitter`, most masks are made as imperfect as proposals
+    (`proposal_like`).
     """
     import torch
 
@@ -254,16 +259,42 @@ def region_crops(rng: np.random.Generator, n: int, size: int, scene_size: int = 
                 break
             seg = scene["segments"][seg]
             mask = seg["mask"]
-            u = rng.random() if jitter else 1.0
-            if u < 0.25:
-                mask = ndimage.binary_dilation(mask)
-            elif u < 0.5 and ndimage.binary_erosion(mask).any():
-                mask = ndimage.binary_erosion(mask)
+            if jitter:
+                mask = proposal_like(rng, mask)
             crop = crop_masked_regions(image, torch.from_numpy(mask)[None], size, rng.uniform(*expand), CLIP_MEAN_255)
             images[i] = crop[0].round().clamp(0, 255).to(torch.uint8).numpy()
             labels[i] = seg["category_id"]
             i += 1
     return images, labels
+
+
+def proposal_like(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """A ground-truth mask made as imperfect as a mask proposal: 20% grown and 20% shrunk by a
+    pixel, 30% redrawn from a 4x or 8x coarser grid (area mean, bilinear upsampling, threshold
+    0.3-0.7: the blurred outline of a stride-4 mask head), 30% left exact.
+
+    The region classifier reads a thing's shape off the outline of its mask, which the
+    crop keeps (CLIP's mean colour outside). With exact masks only, the tiny CLIP named the
+    shape of 94% of proposals above IoU 0.85 and of 33% between 0.5 and 0.7.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    u = rng.random()
+    if u < 0.2:
+        return ndimage.binary_dilation(mask)
+    if u < 0.4:
+        eroded = ndimage.binary_erosion(mask)
+        return eroded if eroded.any() else mask
+    if u < 0.7:
+        factor = int(rng.choice([4, 8]))
+        m = torch.from_numpy(mask).float()[None, None]
+        h, w = mask.shape
+        coarse = F.adaptive_avg_pool2d(m, (max(h // factor, 1), max(w // factor, 1)))
+        soft = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+        blurred = soft > rng.uniform(0.3, 0.7)
+        return blurred if blurred.any() else mask
+    return mask
 
 
 def scene_caption(rng: np.random.Generator, things: list[int], stuff: int | None) -> str:
@@ -385,7 +416,7 @@ def write_coco_layout(raw_dir: str, num_train: int, num_val: int, seed: int, siz
 
     from freeseg.data.io import load_json, parallel_map, save_json_atomic
 
-    params = {"num_train": num_train, "num_val": num_val, "seed": seed, "size": size, "version": 1}
+    params = {"num_train": num_train, "num_val": num_val, "seed": seed, "size": size, "version": 2}
     params_file = f"{raw_dir}/annotations/toy_world.json"
     outputs = [f"{raw_dir}/annotations/{kind}_{s}.json" for kind in ("panoptic", "instances") for s in _SPLITS]
     if not force and os.path.isfile(params_file) and all(map(os.path.isfile, outputs)):

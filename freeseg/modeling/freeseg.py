@@ -138,8 +138,13 @@ class FreeSeg(nn.Module):
         record_time(timings, "interaction_decoder", start)
         return out
 
-    def forward(self, images: torch.Tensor, class_names: list[str], task: str) -> dict:
-        return self.decode(self.extract(images), self.text_features(class_names, task))
+    def forward(self, images: torch.Tensor, class_names: list[str], task: str,
+                text_features: torch.Tensor | None = None) -> dict:
+        """`text_features`: the prompts' features of `class_names` and `task` if the caller
+        already has them (frozen prompts: the all-task stage computes them once per task)."""
+        if text_features is None:
+            text_features = self.text_features(class_names, task)
+        return self.decode(self.extract(images), text_features)
 
 
 def build_freeseg(cfg: Config, clip_model: nn.Module, tokenizer) -> FreeSeg:

@@ -19,11 +19,12 @@ Weights: class 1, focal 20, dice 5 (bytedance/FreeSeg `mask2former/mask_former_m
 Axis legend: B batch, Q queries, K classes, N ground-truth segments, H W spatial,
 S flattened pixels.
 
-Difference from the official lineage (MaskFormer's and zsseg.baseline's matcher, which FreeSeg's
-signature follows): they *downsample the targets* to the prediction size (nearest) to save
-memory; here the predictions are *upsampled* to the target size (bilinear), exactly as the loss
-does, so the matcher minimises the very quantity the criterion measures. At 640x640, Q=100 the
-pairwise terms need two (Q, S) float buffers (about 330 MB): fine on a GPU.
+Resolution: as in the official lineage (MaskFormer's and zsseg.baseline's matcher, whose
+signature FreeSeg's follows), the matcher compares masks at the *prediction* size: the targets
+are resized to it (nearest), which keeps the (Q, S) buffers 16x smaller than at the input size.
+The criterion instead upsamples the predictions to the target size (criterion.py), so the
+matching cost is the loss measured on a stride-4 grid. Where prediction and target sizes are
+equal (the tests' hand-made cases) the two are the same numbers.
 """
 
 import torch
@@ -51,6 +52,14 @@ def upsample_masks(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Te
     flat = mask_logits.reshape(-1, 1, *mask_logits.shape[-2:])  # (M, 1, h, w)
     flat = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
     return flat.reshape(*lead, *size)
+
+
+def resize_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Binary target masks (N, H, W) -> (N, h, w) by nearest-neighbour sampling; a no-op at the
+    same size (the matcher's way of comparing them with stride-4 predictions, as MaskFormer's)."""
+    if tuple(masks.shape[-2:]) == tuple(size) or masks.shape[0] == 0:
+        return masks
+    return F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
 
 
 def pairwise_focal_cost(
@@ -125,8 +134,8 @@ class HungarianMatcher(nn.Module):
             )
         prob = at_least_float32(logits).softmax(-1)  # (Q, K+1)
         cost_class = -prob[:, labels]  # (Q, N)
-        pred = upsample_masks(at_least_float32(mask_logits), masks.shape[-2:]).flatten(1)  # (Q, S)
-        tgt = masks.to(pred.dtype).flatten(1)  # (N, S)
+        pred = at_least_float32(mask_logits).flatten(1)  # (Q, S), S = h * w
+        tgt = resize_targets(masks, mask_logits.shape[-2:]).to(pred.dtype).flatten(1)  # (N, S)
         cost = (
             self.cost_class * cost_class
             + self.cost_focal * pairwise_focal_cost(pred, tgt, self.focal_alpha, self.focal_gamma)
