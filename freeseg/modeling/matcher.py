@@ -19,12 +19,13 @@ Weights: class 1, focal 20, dice 5 (bytedance/FreeSeg `mask2former/mask_former_m
 Axis legend: B batch, Q queries, K classes, N ground-truth segments, H W spatial,
 S flattened pixels.
 
-Resolution: as in the official lineage (MaskFormer's and zsseg.baseline's matcher, whose
-signature FreeSeg's follows), the matcher compares masks at the *prediction* size: the targets
-are resized to it (nearest), which keeps the (Q, S) buffers 16x smaller than at the input size.
-The criterion instead upsamples the predictions to the target size (criterion.py), so the
-matching cost is the loss measured on a stride-4 grid. Where prediction and target sizes are
-equal (the tests' hand-made cases) the two are the same numbers.
+Difference from the official lineage (MaskFormer's and zsseg.baseline's matcher, which FreeSeg's
+signature follows): they *downsample the targets* to the prediction size (nearest) to save
+memory; here the predictions are *upsampled* to the target size (bilinear), exactly as the loss
+does, so the matcher minimises the very quantity the criterion measures. At 640x640, Q=100 the
+pairwise terms need two (Q, S) float buffers (about 330 MB): fine on a GPU. It matters on the
+toy world: matching at the 24x24 prediction size with nearest-sampled targets made steps 1.4x
+faster but cost 2.7 mIoU, 9.8 PQ and 4.8 AP (same checkpoints, 2,000 steps; README).
 """
 
 import torch
@@ -54,14 +55,6 @@ def upsample_masks(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Te
     return flat.reshape(*lead, *size)
 
 
-def resize_targets(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Binary target masks (N, H, W) -> (N, h, w) by nearest-neighbour sampling; a no-op at the
-    same size (the matcher's way of comparing them with stride-4 predictions, as MaskFormer's)."""
-    if tuple(masks.shape[-2:]) == tuple(size) or masks.shape[0] == 0:
-        return masks
-    return F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
-
-
 def pairwise_focal_cost(
     logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
 ) -> torch.Tensor:
@@ -70,13 +63,16 @@ def pairwise_focal_cost(
     logits: (Q, S) mask logits; targets: (N, S) binary {0, 1}. Returns (Q, N): the focal loss
     averaged over the S pixels, equal to `criterion.sigmoid_focal_loss` of that pair.
     Because a target pixel is either 1 or 0, the per-pixel loss splits into a "positive" and a
-    "negative" term that depend on the prediction only; two matrix products then give all pairs.
+    "negative" term that depend on the prediction only; one matrix product then gives all pairs.
     """
     prob = logits.sigmoid()
-    # -log(p) = softplus(-x) and -log(1-p) = softplus(x), written stably.
-    pos = alpha * (1 - prob) ** gamma * F.softplus(-logits)  # (Q, S) loss where target = 1
-    neg = (1 - alpha) * prob**gamma * F.softplus(logits)  # (Q, S) loss where target = 0
-    cost = torch.einsum("qs,ns->qn", pos, targets) + torch.einsum("qs,ns->qn", neg, 1 - targets)
+    # -log(1-p) = softplus(x) and -log(p) = softplus(-x) = softplus(x) - x; where x is large the
+    # cancellation in the difference is multiplied by (1 - p)^gamma, which is then ~0.
+    log_one_minus = F.softplus(logits)
+    pos = alpha * (1 - prob) ** gamma * (log_one_minus - logits)  # (Q, S) loss where target = 1
+    neg = (1 - alpha) * prob**gamma * log_one_minus  # (Q, S) loss where target = 0
+    # sum_s pos t + neg (1 - t) = sum_s (pos - neg) t + sum_s neg: one matrix product.
+    cost = (pos - neg) @ targets.t() + neg.sum(-1, keepdim=True)
     return cost / logits.shape[1]
 
 
@@ -134,8 +130,8 @@ class HungarianMatcher(nn.Module):
             )
         prob = at_least_float32(logits).softmax(-1)  # (Q, K+1)
         cost_class = -prob[:, labels]  # (Q, N)
-        pred = at_least_float32(mask_logits).flatten(1)  # (Q, S), S = h * w
-        tgt = resize_targets(masks, mask_logits.shape[-2:]).to(pred.dtype).flatten(1)  # (N, S)
+        pred = upsample_masks(at_least_float32(mask_logits), masks.shape[-2:]).flatten(1)  # (Q, S)
+        tgt = masks.to(pred.dtype).flatten(1)  # (N, S)
         cost = (
             self.cost_class * cost_class
             + self.cost_focal * pairwise_focal_cost(pred, tgt, self.focal_alpha, self.focal_gamma)
