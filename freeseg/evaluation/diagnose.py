@@ -35,8 +35,8 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
     "best_iou", "mask_cls", "clip", "clip_gt", "ensemble"} (the last four: bool, class named right)."""
     from freeseg.data.datasets import SegmentationDataset, load_meta
     from freeseg.data.transforms import TestResize
-    from freeseg.modeling.inference import _mask_probs, _task_text
-    from freeseg.modeling.region_classifier import RegionClassifier, geometric_ensemble
+    from freeseg.modeling.inference import clip_probabilities, mask_probabilities
+    from freeseg.modeling.region_classifier import geometric_ensemble
 
     cats = load_meta(prep)["categories"]
     names = [c["name"] for c in cats]
@@ -44,24 +44,22 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
     dataset = SegmentationDataset(prep, split, base=False)
     resize = TestResize(cfg.data.test_short_side)
     icfg = cfg.inference
-    regions = RegionClassifier(model.clip_model, icfg.mask_threshold, icfg.mask_expand_ratio, icfg.clip_chunk)
-    text = _task_text(model, names, task, None)
-    d = model.size_divisibility
+    text = model.text_features(names, task)
     rows = []
     for i in range(len(dataset) if max_images is None else min(max_images, len(dataset))):
         sample = dataset[i]
         image = resize(sample, np.random.default_rng(0))["image"].float()
         H, W = image.shape[-2:]
         out = model.decode(model.extract(image[None]), text)
-        probs = _mask_probs(out["pred_masks"][0], (H + (-H) % d, W + (-W) % d), (H, W))  # (Q, H, W)
+        probs = mask_probabilities(model, out["pred_masks"][0], (H, W))  # (Q, H, W)
         p_mask = out["pred_logits"][0].softmax(-1)[:, :-1]  # (Q, K)
-        p_clip = regions(image, probs, text)
+        p_clip = clip_probabilities(model, image, probs, text, icfg)
         p_ens = geometric_ensemble(p_mask, p_clip, unseen, icfg.clip_weight_seen, icfg.clip_weight_unseen)
         binary = probs > icfg.mask_threshold
         gt = torch.as_tensor(sample["masks"])
         if gt.numel() and tuple(gt.shape[-2:]) != (H, W):
             gt = F.interpolate(gt[:, None].float(), size=(H, W), mode="nearest")[:, 0].bool()
-        p_gt = regions(image, gt.float(), text) if gt.numel() else None
+        p_gt = clip_probabilities(model, image, gt.float(), text, icfg) if gt.numel() else None
         labels = sample["labels"].tolist()
         for n, label in enumerate(labels):
             inter = (binary & gt[n]).flatten(1).sum(1)

@@ -49,10 +49,20 @@ def _task_text(model: FreeSeg, class_names: list[str], task: str, text_cache: di
     return text
 
 
-def _mask_probs(mask_logits: torch.Tensor, padded: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """mask logits (Q, h, w) at stride 4 of the padded input -> probabilities (Q, H, W) of the image."""
+def mask_probabilities(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """mask logits (Q, h, w) at stride 4 of the input that `model.extract` padded -> probabilities
+    (Q, H, W) of the image of `size` (H, W)."""
+    d = model.size_divisibility
+    padded = (size[0] + (-size[0]) % d, size[1] + (-size[1]) % d)
     up = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=True)[0]
     return up[:, :size[0], :size[1]].sigmoid()
+
+
+def clip_probabilities(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor, text: torch.Tensor,
+                       cfg: InferenceConfig) -> torch.Tensor:
+    """CLIP's class probabilities (Q, K) of the crops of `masks` (Q, H, W) out of `image` (3, H, W)."""
+    regions = RegionClassifier(model.clip_model, cfg.mask_threshold, cfg.mask_expand_ratio, cfg.clip_chunk)
+    return regions.to(image.device)(image, masks, text)
 
 
 @torch.no_grad()
@@ -104,15 +114,12 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
         start = record_time(task_times, "ttpt", start)
     out = model.decode(features, text, task_times)
     start = time.perf_counter()
-    d = model.size_divisibility
-    padded = (H + (-H) % d, W + (-W) % d)  # the input size `extract` padded to
-    masks = _mask_probs(out["pred_masks"][0], padded, (H, W))  # (Q, H, W)
+    masks = mask_probabilities(model, out["pred_masks"][0], (H, W))  # (Q, H, W)
     probs = out["pred_logits"][0].softmax(dim=-1)  # (Q, K + 1)
     p_mask, p_void = probs[:, :K], probs[:, K:]
     start = record_time(task_times, "postprocess", start)
     if cfg.use_clip:
-        regions = RegionClassifier(model.clip_model, cfg.mask_threshold, cfg.mask_expand_ratio, cfg.clip_chunk)
-        p_clip = regions.to(image.device)(image, masks, text)  # crops of the input image, (Q, K)
+        p_clip = clip_probabilities(model, image, masks, text, cfg)  # crops of the input image, (Q, K)
         p_mask = geometric_ensemble(p_mask, p_clip, unseen, cfg.clip_weight_seen, cfg.clip_weight_unseen)
         # A geometric mean of two distributions sums to less than 1 (the less, the more they
         # disagree). Rescale it to the mask classifier's object mass 1 - p(no object): the

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from freeseg.clip import CLIP_MEAN, CLIP_STD
+from freeseg.clip import CLIP_MEAN, normalize_pixels
 
 
 
@@ -126,7 +126,6 @@ class RegionClassifier(nn.Module):
         self.expand_ratio = expand_ratio
         self.chunk = chunk
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     @torch.no_grad()
     def encode_regions(self, image: torch.Tensor, mask_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +137,7 @@ class RegionClassifier(nn.Module):
         fill = self.clip_mean.flatten()
         for start in range(0, binary.shape[0], self.chunk):
             crops = crop_masked_regions(image, binary[start:start + self.chunk], size, self.expand_ratio, fill)
-            crops = (crops - self.clip_mean) / self.clip_std  # CLIP's normalisation
+            crops = normalize_pixels(crops)  # CLIP's normalisation
             out = self.clip_model.encode_image(crops).float()  # (n, E)
             idx = valid.nonzero().flatten()[start:start + self.chunk]
             features[idx] = F.normalize(out, dim=-1)
