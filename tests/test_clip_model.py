@@ -115,8 +115,23 @@ def test_text_embedding_path_equals_encode_text():
         via_embeddings = ours.encode_text_embeddings(ours.token_embedding(tokens), tokens.argmax(-1))
         # A shorter context (T < 77) reads the first T positional embeddings, as OpenAI does.
         short = ours.encode_text_embeddings(ours.token_embedding(tokens[:1, :5]), torch.tensor([4]))
-    assert torch.equal(direct, via_embeddings)
+    assert (direct - via_embeddings).abs().max() < 1e-6
     assert (short - direct[:1]).abs().max() < TOL
+
+
+def test_captions_encoded_by_length_equal_encode_text():
+    """The toy CLIP stage encodes its captions in groups of similar length (toy_pretraining)."""
+    from freeseg.toy_pretraining import encode_by_length
+
+    torch.manual_seed(0)
+    model = CLIP(**TOY).eval()
+    lengths = torch.tensor([3, 15, 7, 4, 12, 5, 9])
+    tokens = torch.randint(1, 798, (len(lengths), 16)) * (torch.arange(16) < lengths[:, None])
+    tokens[torch.arange(len(lengths)), lengths - 1] = 799  # end of text
+    with torch.no_grad():
+        full = model.encode_text(tokens)
+        for groups in (1, 2, 3):
+            assert (encode_by_length(model, tokens, groups) - full).abs().max() < 1e-5
 
 
 def test_text_is_causal():
