@@ -89,6 +89,7 @@ def demo_toy(checkpoint: str | Path, out: str | Path, seed: int = 7) -> Path:
     """Segment one fresh toy scene with every task and save the panels side by side."""
     from freeseg.data import toy_world
     from freeseg.data.categories import get_categories
+    from freeseg.data.transforms import TestResize
     from freeseg.evaluation.runner import load_model
     from freeseg.modeling.inference import predict
 
@@ -97,11 +98,13 @@ def demo_toy(checkpoint: str | Path, out: str | Path, seed: int = 7) -> Path:
     names = [c["name"] for c in cats]
     unseen = torch.tensor([not c["seen"] for c in cats])
     is_thing = torch.tensor([bool(c["isthing"]) for c in cats])
-    image = toy_world.demo_scene(seed, size=cfg.data.test_short_side)  # (H, W, 3) uint8
+    image = toy_world.demo_scene(seed)  # (H, W, 3) uint8, a scene of the toy world's size
+    # As in evaluation: the model sees the image resized to the test size, predictions come back
+    # at the scene's size.
+    pixels = TestResize(cfg.data.test_short_side)({"image": torch.from_numpy(image).permute(2, 0, 1)})["image"]
     tasks = ("semantic", "instance", "panoptic")
     with torch.no_grad():
-        result = predict(model, torch.from_numpy(image).permute(2, 0, 1), names, unseen, is_thing, tasks,
-                         cfg.inference)
+        result = predict(model, pixels, names, unseen, is_thing, tasks, cfg.inference, out_size=image.shape[:2])
     panels = [draw(image, segments_from_result(t, result[t]), names, unseen, scale=3) for t in tasks]
     width = sum(p.width for p in panels)
     sheet = Image.new("RGB", (width, max(p.height for p in panels) + 14), (255, 255, 255))
