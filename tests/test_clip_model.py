@@ -119,19 +119,18 @@ def test_text_embedding_path_equals_encode_text():
     assert (short - direct[:1]).abs().max() < TOL
 
 
-def test_captions_encoded_by_length_equal_encode_text():
-    """The toy CLIP stage encodes its captions in groups of similar length (toy_pretraining)."""
-    from freeseg.toy_pretraining import encode_by_length
-
+def test_padding_cut_and_length_groups_equal_the_full_context():
+    """encode_text cuts the padding after the longest text and, with length_groups, encodes texts
+    of similar length together (the toy CLIP stage); the full 16-token context is the reference."""
     torch.manual_seed(0)
     model = CLIP(**TOY).eval()
     lengths = torch.tensor([3, 15, 7, 4, 12, 5, 9])
     tokens = torch.randint(1, 798, (len(lengths), 16)) * (torch.arange(16) < lengths[:, None])
     tokens[torch.arange(len(lengths)), lengths - 1] = 799  # end of text
     with torch.no_grad():
-        full = model.encode_text(tokens)
+        full = model.encode_text_embeddings(model.token_embedding(tokens), lengths - 1)
         for groups in (1, 2, 3):
-            assert (encode_by_length(model, tokens, groups) - full).abs().max() < 1e-5
+            assert (model.encode_text(tokens, length_groups=groups) - full).abs().max() < 1e-5
 
 
 def test_text_is_causal():
