@@ -68,6 +68,21 @@ def test_panoptic_no_object_and_confidence_filtering():
     assert info == [] and not seg.any()
 
 
+def test_panoptic_keep_by_object_tests_the_object_probability():
+    # Query 0 is surely an object but split between two classes (0.45 / 0.40, no object 0.15):
+    # Mask2Former's rule drops it at threshold 0.5, the object rule keeps it (0.85 > 0.5) with
+    # the best of the K classes and that class's probability as its score.
+    class_probs = torch.tensor([[0.45, 0.40, 0.15], [0.30, 0.10, 0.60]])
+    masks = torch.stack([_block(slice(0, 2), slice(0, 2)), _block(slice(2, 4), slice(2, 4))])
+    seg, info = panoptic_inference(class_probs, masks, IS_THING, 0.5, 0.8, keep_by="class")
+    assert info == [] and not seg.any()
+    seg, info = panoptic_inference(class_probs, masks, IS_THING, 0.5, 0.8, keep_by="object")
+    assert seg.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]  # query 1: 0.4 < 0.5
+    assert info == [{"id": 1, "category_id": 0, "isthing": True, "score": pytest.approx(0.45)}]
+    with pytest.raises(ValueError, match="panoptic_keep_by"):
+        panoptic_inference(class_probs, masks, IS_THING, 0.5, 0.8, keep_by="score")
+
+
 def test_panoptic_overlap_threshold_drops_hidden_segment():
     # Query 0 (score 0.95) covers rows 0-1; query 1 (score 0.85) covers rows 0-2 (12 pixels), so
     # the argmax gives query 1 only row 2: 4 / 12 = 0.33 of its own mask.

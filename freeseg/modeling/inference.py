@@ -136,7 +136,7 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
         result = instance_inference(p_mask, masks, is_thing, cfg.instance_topk)
     else:
         result = panoptic_inference(torch.cat([p_mask, p_void], dim=1), masks, is_thing,
-                                    cfg.object_mask_threshold, cfg.overlap_threshold)
+                                    cfg.object_mask_threshold, cfg.overlap_threshold, cfg.panoptic_keep_by)
     record_time(task_times, "postprocess", start)
     if timings is not None:
         timings[task] = task_times

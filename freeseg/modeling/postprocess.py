@@ -11,7 +11,10 @@ bytedance/FreeSeg `mask2former/mask_former_model.py`):
                m_q > 0.5; score = class probability * mean mask probability inside the mask
     panoptic   queries that are not "no object" and confident enough; each pixel goes to the
                query with the highest p_q * m_q; a query that keeps too little of its own mask
-               is dropped; stuff of one class is merged into one segment
+               is dropped; stuff of one class is merged into one segment. One deliberate
+               change, for ensembled probabilities: by default "confident enough" tests the
+               object probability 1 - p(no object), not the best class probability
+               (`keep_by`, InferenceConfig.panoptic_keep_by)
 
 Inputs are probabilities already at output resolution: class_probs (Q, K) or (Q, K+1) with the
 "no object" column last, mask_probs (Q, H, W) = sigmoid of the mask logits.
@@ -20,7 +23,8 @@ Differences from the official FreeSeg code: FreeSeg's OpenVocabulary model copie
 block (head forward, CLIP ensemble, post-processing) three times and changes the panoptic and
 instance rules (it sharpens class probabilities with softmax(p / 0.01), restricts each mask to
 pixels where its class wins the semantic argmax, drops things scored below 0.5, and de-duplicates
-same-class instances). Here each task is one function with Mask2Former's published rules;
+same-class instances). Here each task is one function with Mask2Former's published rules
+(the panoptic keep rule above aside);
 the thresholds are config fields (InferenceConfig); segments also carry their score.
 Axis legend: Q queries, K classes, H W spatial, n kept predictions.
 """
@@ -93,11 +97,15 @@ def panoptic_inference(
     is_thing: torch.Tensor,
     object_mask_threshold: float,
     overlap_threshold: float,
+    keep_by: str = "class",
 ) -> tuple[torch.Tensor, list[dict]]:
     """Panoptic segmentation: class_probs (Q, K+1) with "no object" last, mask_probs (Q, H, W).
 
-    1. keep queries whose best class is not "no object" and whose probability exceeds
-       `object_mask_threshold`;
+    1. keep confident queries. `keep_by="class"` (Mask2Former): the best of the K+1 classes is
+       not "no object" and its probability exceeds `object_mask_threshold`. `keep_by="object"`:
+       the query's object probability 1 - p(no object) exceeds the threshold, and its label is
+       the best of the K classes. The second rule is for ensembled class probabilities, which
+       spread a confident object over look-alike classes (see InferenceConfig.panoptic_keep_by);
     2. give each pixel to the kept query with the largest class score * mask probability;
     3. visit kept queries in order; a query whose won pixels cover less than
        `overlap_threshold` of its own mask (m_q >= 0.5) is mostly hidden by better queries and
@@ -109,8 +117,15 @@ def panoptic_inference(
     """
     _check(class_probs, mask_probs, is_thing, True, "panoptic_inference")
     num_classes = class_probs.shape[1] - 1
-    scores, labels = class_probs.max(-1)  # (Q,)
-    keep = (labels != num_classes) & (scores > object_mask_threshold)
+    if keep_by == "class":
+        scores, labels = class_probs.max(-1)  # (Q,)
+        keep = (labels != num_classes) & (scores > object_mask_threshold)
+    elif keep_by == "object":
+        scores, labels = class_probs[:, :num_classes].max(-1)  # (Q,)
+        keep = 1 - class_probs[:, num_classes] > object_mask_threshold
+    else:
+        raise ValueError(f"panoptic_inference: keep_by (inference.panoptic_keep_by) must be 'class' or 'object', "
+                         f"got {keep_by!r}")
     scores, labels, masks = scores[keep], labels[keep], mask_probs[keep]  # masks (n, H, W)
 
     panoptic_seg = torch.zeros(mask_probs.shape[-2:], dtype=torch.int32, device=mask_probs.device)
