@@ -351,8 +351,8 @@ def attribute_batch(rng: np.random.Generator, n: int, size: int = 48) -> tuple[n
     classes. At 48 px the objects are 22-48 px across, up to 7 px off centre: things are 20-48
     px in the 96-px scenes and 30-72 px at the test size of 144, and a backbone that has seen
     only centred objects of 22-41 px reads their shape worse (ImageNet pre-training, too, crops
-    and rescales at random). With 22-41 px and 5 px off centre, the toy model scored 43.0 mIoU;
-    with these ranges 46.4 (README).
+    and rescales at random). With 22-41 px and 5 px off centre, three all-task seeds scored 43.6
+    mIoU on average (unseen 35.3); with these ranges 48.3 (unseen 41.7; README).
     """
     images = np.zeros((n, 3, size, size), dtype=np.uint8)
     classes = rng.integers(len(NAMES), size=n)
