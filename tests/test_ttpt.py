@@ -33,7 +33,9 @@ def test_entropy_drops_and_prompt_is_restored():
     with torch.no_grad():
         features = model.extract(images[:1])
     before = model.prompt_learner.prefix_prompt.detach().clone()
-    cfg = TTPTConfig(enabled=True, steps=5, lr=1e-2, entropy_threshold=0.9)
+    # The default step size (1e-3): at 1e-2, AdamW's first, sign-like steps move every prompt
+    # coordinate so far that on some random tiny models the entropy rises (seed 3 of this model).
+    cfg = TTPTConfig(enabled=True, steps=5, lr=1e-3, entropy_threshold=0.9)
     text, stats = tune_text_features(model, features, NAMES, "semantic", UNSEEN, cfg)
     assert stats["selected"] > 0
     assert stats["entropy_after"] < stats["entropy_before"], stats
