@@ -304,15 +304,14 @@ def _toy() -> Config:
     # zero-shot in 1800 steps of batch 64, twice as fast as at 64 px (see README).
     cfg.model.clip = ClipConfig(name="", context_length=24, image_resolution=32)
     cfg.loss = LossConfig()
-    # Crop boxes grown 1.25x: the tiny CLIP learned from crops grown 1.2-2x (toy_world.region_crops;
-    # tight boxes classify far worse, shared/DESIGN.md sec. 4). On three all-task seeds 1.25
-    # instead of 1.5 gave unseen mIoU 52.4 / 49.7 / 49.4 -> 56.6 / 53.1 / 53.5, mIoU +1.3 / +0.4 /
-    # +1.6, PQ +0.6 / -0.3 / -1.7, AP -0.4 / -0.6 / 0.0; 2.0 was worse everywhere (README).
+    # Crop boxes grown 1.5x, for the region classifier and the prompt stage's crops alike: the tiny
+    # CLIP learned from crops grown 1.2-2x (toy_world.region_crops); tight boxes classify far
+    # worse (shared/DESIGN.md sec. 4). 1.25 and 2.0: README.
     # CLIP weight 0.5 for seen classes (official 0.2): the toy mask classifier names about half of
     # the seen things, CLIP about 70% of the same proposals. On two all-task seeds 0.5 instead
     # of 0.2 gave mIoU 55.0 / 55.2 -> 55.7 / 57.8, PQ 47.8 / 48.9 -> 50.8 / 52.5, AP 32.8 /
     # 32.6 -> 34.7 / 35.1 (0.35 and 0.65 in the README). Chosen on toy val, as all toy settings.
-    cfg.inference = InferenceConfig(mask_expand_ratio=1.25, clip_chunk=64, instance_topk=20, clip_weight_seen=0.5)
+    cfg.inference = InferenceConfig(mask_expand_ratio=1.5, clip_chunk=64, instance_topk=20, clip_weight_seen=0.5)
     # Tested at 1.5x the scenes' 96 px: masks come out on a 36x36 grid instead of 24x24. On three
     # all-task checkpoints, testing at 144 instead of 96 raised mIoU by 2.4-3.4, PQ by 0.6-4.2 and
     # AP by 4.6-6.0 (README). Training crops of 96 px are cut from scenes scaled 0.75-1.75x,
