@@ -308,7 +308,7 @@ def _toy() -> Config:
     # CLIP learned from crops grown 1.2-2x (toy_world.region_crops); tight boxes classify far
     # worse (shared/DESIGN.md sec. 4). 1.25 and 2.0: README.
     # CLIP weight 0.5 for seen classes (official 0.2): the toy mask classifier names about half of
-    # the seen things, CLIP about 70% of the same proposals. On two all-task seeds 0.5 instead
+    # the seen things, CLIP about three quarters of the same proposals. On two all-task seeds 0.5 instead
     # of 0.2 gave mIoU 55.0 / 55.2 -> 55.7 / 57.8, PQ 47.8 / 48.9 -> 50.8 / 52.5, AP 32.8 /
     # 32.6 -> 34.7 / 35.1 (0.35 and 0.65 in the README). Chosen on toy val, as all toy settings.
     cfg.inference = InferenceConfig(mask_expand_ratio=1.5, clip_chunk=64, instance_topk=20, clip_weight_seen=0.5)

@@ -18,10 +18,9 @@ mask logits get a second, positional term: a linear layer turns each query into 
 adds a*u + b*v + c*(u^2 + v^2) at pixel position (u, v), a disc of any centre and radius. The
 mask features of two identical objects on a uniform background are identical, so a dot
 product with them alone draws both objects or neither; the disc lets a query keep one. (Mask
-features of a deep, fine-tuned ImageNet backbone carry position through zero padding
-(Islam et al., ICLR 2020); the toy
-world's tiny frozen backbone hardly does.) Relative-coordinate channels in CondInst (Tian et al.,
-ECCV 2020) and CoordConv in SOLO play the same role.
+features of a deep, fine-tuned ImageNet backbone carry position through zero padding, Islam
+et al., ICLR 2020; the toy world's tiny frozen backbone hardly does.) Relative-coordinate
+channels in CondInst (Tian et al., ECCV 2020) and CoordConv in SOLO play the same role.
 
 Shapes (axis legend: B batch, Q queries, C channels, E embedding dim, M heads, S flattened
 tokens, H W spatial):
@@ -47,9 +46,9 @@ from freeseg.modeling.position_encoding import PositionEmbeddingSine
 
 NUM_LEVELS = 3  # Mask2Former always attends to three scales (res5, res4, res3 levels)
 # Length unit of the coordinates of `coord_masks`, in mask-feature cells (2 cells = 8 input
-# pixels). The unit sets how fast AdamW can grow the disc terms: on the toy world (two all-task
-# seeds each) 8 cells gave PQ 45.7 / 45.3 and AP 27.4 / 28.1, 2 cells 47.8 / 48.9 and 32.8 /
-# 32.6, 1 cell 46.6 and 34.0, half a cell 40.0 and 28.6 (README).
+# pixels). The unit sets how fast AdamW can grow the disc terms: on the toy world 8 cells gave
+# PQ 45.7 / 45.3 and AP 27.4 / 28.1 (all-task seeds 0 / 1), 2 cells 47.8 / 48.9 and 32.8 / 32.6,
+# 1 cell 46.6 and 34.0 (seed 0 only), half a cell 40.0 and 28.6 (seed 0 only; README).
 COORD_UNIT = 2.0
 
 
