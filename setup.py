@@ -58,6 +58,14 @@ def kernel_extensions() -> tuple[list, dict]:
     sources = [os.path.join("kernels", name) for name in ("ms_deform_attn.cpp", "ms_deform_attn_cpu.cpp")]
     # -g0: no debug info; it would double the compile time and the size of the library.
     compile_args = {"cxx": ["-O3", "-g0"]}
+    link_args = []
+    if torch._C.has_openmp:
+        # The CPU kernel splits work with at::parallel_for, whose OpenMP version is a header-only
+        # `#pragma omp parallel`: without -fopenmp it silently runs on one thread. Linking
+        # libgomp.so.1 reuses the runtime PyTorch has already loaded (same soname), so
+        # torch.set_num_threads applies.
+        compile_args["cxx"].append("-fopenmp")
+        link_args.append("-fopenmp")
     with_cuda = cpp_extension.CUDA_HOME is not None and (
         torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1")
     if with_cuda:
@@ -72,6 +80,7 @@ def kernel_extensions() -> tuple[list, dict]:
         include_dirs=[KERNEL_DIR],
         define_macros=[("FREESEG_WITH_CUDA", "1" if with_cuda else "0")],
         extra_compile_args=compile_args,
+        extra_link_args=link_args,
     )
     return [extension], {"build_ext": OptionalBuildExtension}
 
