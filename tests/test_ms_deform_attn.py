@@ -210,9 +210,36 @@ def test_bad_shapes_raise_clear_errors():
 
 @needs_cpu_kernel
 def test_kernel_op_checks_direct_calls():
-    value, shapes, starts, locations, weights = make_inputs(*CONFIGS[1])
-    with pytest.raises(RuntimeError, match="does not fit in value's S"):
-        torch.ops.freeseg.ms_deform_attn_forward(value[:, :5], shapes, starts, locations, weights)
+    # In a child process: an extension linked against a C++ runtime other than PyTorch's can
+    # crash on its first thrown error instead of raising (seen on a GPU machine whose default g++
+    # was a wrapper around a separately installed GCC); that should fail this test with a hint,
+    # not kill the whole test session.
+    script = textwrap.dedent("""
+        import torch
+        from freeseg.ops import ms_deform_attn  # loads freeseg._C
+        value = torch.randn(2, 5, 3, 4)  # S = 5 tokens, but the level below has 16
+        shapes, starts = torch.tensor([[4, 4]]), torch.tensor([0])
+        try:
+            torch.ops.freeseg.ms_deform_attn_forward(value, shapes, starts, torch.rand(2, 7, 3, 1, 2, 2),
+                                                     torch.rand(2, 7, 3, 1, 2))
+        except RuntimeError as error:
+            print(str(error).splitlines()[0])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (
+        f"an error raised inside freeseg._C ended the process (exit code {result.returncode}) instead of "
+        "raising RuntimeError: rebuild the extension with the compiler PyTorch was built with, e.g. "
+        f"`CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED='/usr/bin/g++ -shared' pip install --no-build-isolation -e .`"
+        f"\n{result.stderr[-2000:]}")
+    assert "level 0 (H=4, W=4, start=0) does not fit in value's S=5 tokens" in result.stdout, result.stdout
+
+
+@needs_cpu_kernel
+@pytest.mark.skipif(not torch._C.has_openmp, reason="PyTorch built without OpenMP")
+def test_cpu_kernel_is_built_with_openmp():
+    # at::parallel_for's OpenMP version is a pragma in a header: compiled without -fopenmp the
+    # CPU kernel runs on one thread whatever torch.set_num_threads says (this happened here once).
+    assert b"GOMP_parallel" in Path(msda._kernels.__file__).read_bytes()
 
 
 @pytest.mark.slow
@@ -291,3 +318,44 @@ def test_cuda_kernel_half_types(dtype):
                               outputs_and_grads("pytorch", wide)):
         assert got.dtype == dtype
         assert (got.double() - ref).abs().max().item() <= 2e-2 * max(1.0, ref.abs().max().item()), name
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_cuda_kernel_gradcheck():
+    value, shapes, starts, locations, weights = make_inputs(2, 3, 2, 3, [(3, 4), (2, 2)], 2, seed=3, device="cuda")
+    leaves = [t.requires_grad_() for t in (value, locations, weights)]
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: msda.MSDeformAttnFunction.apply(v, shapes, starts, loc, w), leaves, eps=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_cuda_kernel_grid_stride_loops():
+    # The kernels cap the grid at 65535 blocks of 256 threads (16,776,960 threads); with
+    # 2.1M queries x 8 heads the forward (one thread per (b, q, m, d)) and the backward (one per
+    # (b, q, m)) both have 16.8M items, so every thread loops at least once more. Many queries
+    # share a 4x4 map: the backward's atomic adds into grad_value collide heavily.
+    inputs = make_inputs(1, 2_100_000, 8, 1, [(4, 4)], 1, seed=17, device="cuda")
+    assert 1 * 2_100_000 * 8 > 65535 * 256
+    for name, got, ref in zip(("out", "value", "loc", "weight"), outputs_and_grads("cuda", inputs),
+                              outputs_and_grads("pytorch", inputs)):
+        assert (got - ref).abs().max().item() <= 1e-9 * max(1.0, ref.abs().max().item()), name
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_auto_uses_cuda_kernel_for_every_dtype():
+    for dtype in msda.KERNEL_DTYPES["cuda"]:
+        inputs = [t.requires_grad_() if t.is_floating_point() else t
+                  for t in make_inputs(*CONFIGS[1], dtype=dtype, device="cuda")]
+        out = ms_deform_attn(*inputs)
+        assert out.is_cuda and out.dtype == dtype
+        assert type(out.grad_fn).__name__ == "MSDeformAttnFunctionBackward", dtype
+    # Level metadata given on the CPU is moved to the tensors' device.
+    value, shapes, starts, locations, weights = make_inputs(*CONFIGS[1], device="cuda")
+    expected = ms_deform_attn(value, shapes, starts, locations, weights, backend="pytorch")
+    got = ms_deform_attn(value, shapes.cpu(), starts.cpu(), locations, weights, backend="cuda")
+    assert (got - expected).abs().max().item() < 1e-10
+
