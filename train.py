@@ -14,7 +14,6 @@ section 4.1 (settings); defaults in `freeseg/config.py`.
 
 import argparse
 import os
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +171,6 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
     loader = engine.make_loader(data, cfg, start)
     train_model = engine.wrap_ddp(model, device)
     use_amp = cfg.train.amp and device.type == "cuda"
-    trainable = [p for p in model.parameters() if p.requires_grad]
     text_cache = {}  # prompts and CLIP are frozen here: a task's text features never change
 
     for it, samples in enumerate(loader, start):
@@ -186,15 +184,8 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
         if task not in text_cache:
             with torch.no_grad():
                 text_cache[task] = model.text_features(names, task)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
-            outputs = train_model(images, names, task, text_cache[task])
-        losses = criterion(outputs, targets)
-        loss = sum(criterion.weight_dict[k] * v for k, v in losses.items())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.train.clip_grad_norm)
-        optimizer.step()
+        loss, losses = engine.alltask_step(train_model, criterion, optimizer, images, targets, names, task,
+                                           text_cache[task], use_amp, cfg.train.clip_grad_norm)
 
         if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
             main_losses = {k: v for k, v in losses.items() if not k[-1].isdigit()}

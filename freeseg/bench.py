@@ -1,4 +1,4 @@
-"""Micro-benchmarks. `python -m freeseg.bench msda [--threads 2] [--repeat 5]`.
+"""Benchmarks. `python -m freeseg.bench msda [--threads 2] [--repeat 5]`, `python -m freeseg.bench step`.
 
 msda: multi-scale deformable attention at the size of FreeSeg's pixel-decoder encoder layer
 (DESIGN.md section 2; Deformable DETR's defaults as used by Mask2Former): batch 1, a 640x640
@@ -8,6 +8,14 @@ Prints the median time of forward and forward+backward for each available backen
 speed-ups over the PyTorch reference on the same device, and the largest difference of the
 output and of the three gradients from the reference (float32: expect ~1e-5 relative; the
 location gradients are in units of 1/W, so their absolute values and differences are large).
+
+step: one all-task training iteration of the full-size model (COCO preset: R101c backbone,
+6-layer deformable encoder, 9-layer decoder, 100 queries, ViT-B/16-shaped CLIP; random
+weights) on a synthetic batch of `--batch` 640x640 images with 10 random box-shaped targets
+each and the 156 seen COCO-Stuff classes, through `engine.alltask_step` (the code train.py
+runs), bf16 autocast on a GPU as the preset says. Prints the median seconds per iteration per
+task, the peak GPU memory and what 60k iterations of the official recipe (global batch 32)
+would take at that speed on 32 / batch such devices.
 """
 
 import argparse
@@ -99,15 +107,75 @@ def bench_msda(threads: int, repeat: int) -> None:
               f"{speedup['forward']:>6.1f}x{speedup['forward_backward']:>10.1f}x   {diffs}")
 
 
+def synthetic_batch(batch: int, size: int, num_classes: int, device: str, seed: int = 0) -> tuple:
+    """`batch` random images (B, 3, size, size) in 0-255 and per image 10 random boxes as masks."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, size, size), generator=gen).float()
+    targets = []
+    for _ in range(batch):
+        masks = torch.zeros(10, size, size, dtype=torch.bool)
+        for mask, (y, x, h, w) in zip(masks, torch.randint(0, size // 2, (10, 4), generator=gen).tolist()):
+            mask[y:y + h + 8, x:x + w + 8] = True
+        labels = torch.randint(0, num_classes, (10,), generator=gen)
+        targets.append({"labels": labels.to(device), "masks": masks.to(device)})
+    return images.to(device), targets
+
+
+def bench_step(device: str, batch: int, repeat: int, size: int = 640) -> None:
+    from freeseg import engine
+    from freeseg.modeling.criterion import build_criterion
+    from freeseg.modeling.inference import full_size_model
+    from freeseg.modeling.targets import TASKS
+
+    cfg, model = full_size_model(0, device)
+    model.freeze_prompts()
+    model.train()
+    names = [f"class {i}" for i in range(156)]  # COCO-Stuff's seen classes
+    images, targets = synthetic_batch(batch, size, len(names), device)
+    criterion = build_criterion(cfg.loss)
+    optimizer = engine.build_optimizer(model, cfg.train)
+    amp = cfg.train.amp and device == "cuda"
+    print(f"all-task step, COCO preset, batch {batch} x {size}x{size}, {len(names)} classes, "
+          f"{'bf16 autocast' if amp else 'float32'}, {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}; "
+          f"median of {repeat} after one warm-up")
+    print(f"{'task':<10}{'s / iter':>10}{'peak GiB':>10}")
+    medians = []
+    for task in TASKS:
+        with torch.no_grad():
+            text = model.text_features(names, task)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+        def step() -> None:
+            engine.alltask_step(model, criterion, optimizer, images, targets, names, task, text, amp,
+                                cfg.train.clip_grad_norm)
+
+        seconds = median_seconds(step, repeat, device)
+        medians.append(seconds)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        print(f"{task:<10}{seconds:>10.3f}{peak:>10.1f}")
+    per_iter = statistics.mean(medians)  # the task is drawn uniformly per iteration
+    devices = cfg.train.batch_size / batch
+    hours = cfg.train.iterations * per_iter / 3600
+    print(f"mean over tasks {per_iter:.3f} s / iter: {cfg.train.iterations} iterations of global batch "
+          f"{cfg.train.batch_size} take ~{hours:.1f} h on {devices:g} such devices (compute only, no data loading)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     msda = sub.add_parser("msda", help="multi-scale deformable attention: reference vs kernels")
     msda.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     msda.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (median)")
+    step = sub.add_parser("step", help="one all-task training iteration of the full-size model")
+    step.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    step.add_argument("--batch", type=int, default=4, help="images per device (official: 32 over 8 GPUs)")
+    step.add_argument("--repeat", type=int, default=5, help="timed iterations per task (median)")
     args = parser.parse_args()
     if args.bench == "msda":
         bench_msda(args.threads, args.repeat)
+    else:
+        bench_step(args.device, args.batch, args.repeat)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ pieces they have in common, each a plain function:
   schedules with constant warm-up (detectron2's `WarmupPolyLR` / `WarmupCosineLR` semantics).
 - `save_checkpoint` / `load_checkpoint`: atomic writes; model, optimiser, iteration, config.
 - `load_clip`: an OpenAI CLIP (name or file) or the toy world's own tiny CLIP checkpoint.
+- `alltask_step`: one optimisation step of the all-task stage (also timed by `freeseg.bench step`).
 """
 
 import json
@@ -19,6 +20,7 @@ import os
 import pickle
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +277,31 @@ class Logger:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
+
+
+# ---------------------------------------------------------------- the all-task step
+
+
+def alltask_step(model: torch.nn.Module, criterion, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                 targets: list[dict], class_names: list[str], task: str, text_features: torch.Tensor,
+                 amp: bool = False, clip_grad_norm: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Forward (bf16 autocast when `amp`), the criterion's weighted sum, backward, optional
+    gradient clipping over the trainable parameters, optimiser step. `model` may be wrapped in
+    DDP. -> (total loss, the criterion's unweighted losses).
+
+    Mask2Former trains in mixed precision on GPUs; its pixel decoder turns autocast off
+    around the deformable attention and runs it in float32 (pixel_decoder.py does the same).
+    """
+    with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+        outputs = model(images, class_names, task, text_features)
+    losses = criterion(outputs, targets)
+    loss = sum(criterion.weight_dict[k] * v for k, v in losses.items())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_grad_norm)
+    optimizer.step()
+    return loss, losses
 
 
 # ---------------------------------------------------------------- data parallel

@@ -43,7 +43,10 @@ from freeseg.modeling.transformer_decoder import build_transformer_decoder
 
 
 def record_time(timings: dict | None, key: str, start: float) -> float:
-    """Add the seconds since `start` to timings[key] (when timing is asked for); -> now."""
+    """Add the seconds since `start` to timings[key] (when timing is asked for); -> now.
+    On a GPU the queued kernels are waited for first, so each stage gets its own time."""
+    if timings is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     now = time.perf_counter()
     if timings is not None:
         timings[key] = timings.get(key, 0.0) + now - start
