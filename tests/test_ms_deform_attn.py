@@ -229,7 +229,7 @@ def test_kernel_op_checks_direct_calls():
     assert result.returncode == 0, (
         f"an error raised inside freeseg._C ended the process (exit code {result.returncode}) instead of "
         "raising RuntimeError: rebuild the extension with the compiler PyTorch was built with, e.g. "
-        f"`CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED='/usr/bin/g++ -shared' pip install --no-build-isolation -e .`"
+        "`CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED='/usr/bin/g++ -shared' pip install --no-build-isolation -e .`"
         f"\n{result.stderr[-2000:]}")
     assert "level 0 (H=4, W=4, start=0) does not fit in value's S=5 tokens" in result.stdout, result.stdout
 

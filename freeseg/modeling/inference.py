@@ -172,15 +172,16 @@ def benchmark_inference(height: int = 480, width: int = 640, num_classes: int = 
     unseen = torch.arange(num_classes) % 9 == 0
     is_thing = torch.arange(num_classes) < 80
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    on_gpu = device != "cpu"
     runs = []
-    for run in range(repeat + (device != "cpu")):
+    for run in range(on_gpu + repeat):  # on a GPU, run 0 is the warm-up
         timings: dict = {}
         start = time.perf_counter()
         predict(model, image, names, unseen, is_thing, cfg.inference.tasks, cfg.inference, timings=timings)
-        if device != "cpu":
+        if on_gpu:
             torch.cuda.synchronize()
         timings["total"] = time.perf_counter() - start
-        if run > 0 or device == "cpu":
+        if run >= on_gpu:
             runs.append(timings)
     report = sorted(runs, key=lambda t: t["total"])[len(runs) // 2]
     return {**report, "build": build}
