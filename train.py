@@ -139,13 +139,24 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
 # ---------------------------------------------------------------- stage 2: all tasks
 
 
+def alltask_targets(samples: list[dict], task: str, remap: torch.Tensor, padded_size: tuple[int, int],
+                    device: torch.device) -> list[dict]:
+    """The drawn task's targets of a batch, labels as seen-class indices. The model pads its
+    input to `padded_size` (FreeSeg.padded_size) and predicts masks over that whole area, so the
+    target masks are padded alike with background, as Mask2Former pads them to the batch tensor;
+    unpadded, a mask upsampled to the target size would be stretched out of place."""
+    from freeseg.modeling.targets import batch_targets
+
+    return [{"labels": remap[t["labels"]].to(device), "masks": t["masks"].to(device)}
+            for t in batch_targets(samples, task, pad_to=padded_size)]
+
+
 def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) -> Path:
     """Train the mask proposal network for all three tasks at once, one random task per iteration."""
     from freeseg.data.datasets import SegmentationDataset
     from freeseg.data.transforms import build_transforms
     from freeseg.modeling.criterion import build_criterion
     from freeseg.modeling.freeseg import build_freeseg
-    from freeseg.modeling.targets import task_targets
 
     if cfg.model.backbone.freeze_at > 0 and not cfg.model.backbone.weights:
         raise ValueError(f"model.backbone.freeze_at={cfg.model.backbone.freeze_at} would freeze randomly "
@@ -177,10 +188,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
         engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
         task = TASKS[np.random.default_rng([cfg.train.seed, it]).integers(len(TASKS))]  # same on every rank
         images = torch.stack([s["image"] for s in samples]).to(device).float()  # (B, 3, H, W) 0-255
-        targets = []
-        for s in samples:
-            t = task_targets(s, task)
-            targets.append({"labels": remap[t["labels"]].to(device), "masks": t["masks"].to(device)})
+        targets = alltask_targets(samples, task, remap, model.padded_size(images.shape[-2:]), device)
         if task not in text_cache:
             with torch.no_grad():
                 text_cache[task] = model.text_features(names, task)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
@@ -252,3 +253,34 @@ def test_alltask_refuses_to_freeze_a_random_backbone(tmp_path):
     # The toy preset freezes its backbone, which must come from the backbone stage.
     result = _train(["--dataset", "toy", "--stage", "alltask", "--output-dir", "a"], tmp_path, expect_rc=1)
     assert "model.backbone.weights" in result.stderr and "freeze_at=5" in result.stderr
+
+
+def test_alltask_targets_line_up_with_masks_predicted_over_the_padded_input():
+    """A 72-px crop is padded to 96 by the model (size divisibility 32), whose mask logits then
+    cover 96 x 96 at stride 4: the targets must be padded to 96 too, or the criterion's
+    upsampled prediction lands 3/4 of the way to where the object is."""
+    import types
+
+    import train
+    from freeseg.modeling.freeseg import FreeSeg
+    from freeseg.modeling.matcher import upsample_masks
+
+    mask = torch.zeros(1, 72, 72, dtype=torch.bool)
+    mask[0, 40:64, 44:68] = True
+    sample = {"masks": mask, "labels": torch.tensor([3]), "isthing": torch.tensor([True])}
+    padded = FreeSeg.padded_size(types.SimpleNamespace(size_divisibility=32), (72, 72))
+    assert padded == (96, 96)
+    remap = torch.tensor([-1, -1, -1, 0])  # dataset class 3 is seen class 0
+    (target,) = train.alltask_targets([sample], "instance", remap, padded, torch.device("cpu"))
+    assert target["labels"].tolist() == [0] and target["masks"].shape == (1, 96, 96)
+
+    # A perfect prediction on the stride-4 grid of the padded input, upsampled as the loss does.
+    cover = F.avg_pool2d(F.pad(mask.float(), (0, 24, 0, 24))[None], 4)[0]  # (1, 24, 24)
+    pred = upsample_masks(20 * (cover - 0.5), target["masks"].shape[-2:]) > 0
+
+    def iou(a, b):
+        return ((a & b).sum() / (a | b).sum()).item()
+
+    assert iou(pred, target["masks"]) > 0.95
+    unpadded = upsample_masks(20 * (cover - 0.5), (72, 72)) > 0  # what an unpadded target meets
+    assert iou(unpadded, mask) < 0.5

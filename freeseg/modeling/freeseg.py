@@ -100,6 +100,13 @@ class FreeSeg(nn.Module):
         self.clip_model.eval()  # frozen CLIP: no dropout, whatever the mode of the rest
         return self
 
+    def padded_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) -> (H', W'), rounded up to a multiple of `size_divisibility`: the size `extract`
+        pads its input to, so mask logits at stride 4 cover (H'/4, W'/4) and training targets must
+        be padded to (H', W') to line up with them (train.py)."""
+        d = self.size_divisibility
+        return size[0] + (-size[0]) % d, size[1] + (-size[1]) % d
+
     def extract(self, images: torch.Tensor, timings: dict | None = None) -> dict:
         """images (B, 3, H, W) float 0-255 -> {"mask_features": (B, C, H'/4, W'/4),
         "multi_scale": 3 x (B, C, h_l, w_l) lowest resolution first, "image_size": (H, W)},
@@ -109,8 +116,8 @@ class FreeSeg(nn.Module):
         start = time.perf_counter()
         H, W = images.shape[-2:]
         x = (images.float() - self.pixel_mean) / self.pixel_std
-        d = self.size_divisibility
-        x = F.pad(x, (0, (-W) % d, 0, (-H) % d))  # (B, 3, H', W'), zeros = the mean colour
+        Hp, Wp = self.padded_size((H, W))
+        x = F.pad(x, (0, Wp - W, 0, Hp - H))  # (B, 3, H', W'), zeros = the mean colour
         res = self.backbone(x)
         start = record_time(timings, "backbone", start)
         mask_features, multi_scale = self.pixel_decoder(res)

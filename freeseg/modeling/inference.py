@@ -52,8 +52,7 @@ def _task_text(model: FreeSeg, class_names: list[str], task: str, text_cache: di
 def mask_probabilities(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """mask logits (Q, h, w) at stride 4 of the input that `model.extract` padded -> probabilities
     (Q, H, W) of the image of `size` (H, W)."""
-    d = model.size_divisibility
-    padded = (size[0] + (-size[0]) % d, size[1] + (-size[1]) % d)
+    padded = model.padded_size(size)
     up = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=True)[0]
     return up[:, :size[0], :size[1]].sigmoid()
 
