@@ -123,6 +123,7 @@ def test_learns_fixed_batch(task):
 def test_predict_all_tasks():
     from freeseg.config import InferenceConfig
     from freeseg.modeling.inference import predict
+    from freeseg.modeling.matcher import upsample_masks
 
     model = tiny_model().eval()
     images, _ = synthetic_batch()
@@ -143,6 +144,13 @@ def test_predict_all_tasks():
     masks = F.interpolate(raw["pred_masks"], size=(64, 64), mode="bilinear", align_corners=True)[0, :, :50, :60]
     expected = torch.einsum("qk,qhw->khw", raw["pred_logits"][0].softmax(-1)[:, :4], masks.sigmoid())
     torch.testing.assert_close(plain["semantic"], expected, atol=1e-5, rtol=1e-5)
+    # mask_align_corners=False upsamples as the training loss does (pixel centres aligned).
+    centres = predict(model, image, NAMES, unseen, IS_THING, ("semantic",),
+                      InferenceConfig(use_clip=False, mask_align_corners=False))
+    masks = upsample_masks(raw["pred_masks"], (64, 64))[0, :, :50, :60]
+    expected = torch.einsum("qk,qhw->khw", raw["pred_logits"][0].softmax(-1)[:, :4], masks.sigmoid())
+    torch.testing.assert_close(centres["semantic"], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(centres["semantic"], plain["semantic"])
     # Ensemble weights 0 leave the mask classifier alone; a cached call gives the same result.
     zero = InferenceConfig(clip_weight_seen=0.0, clip_weight_unseen=0.0)
     again = predict(model, image, NAMES, unseen, IS_THING, ("semantic",), zero, text_cache=cache)

@@ -51,7 +51,7 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
         image = resize(sample, np.random.default_rng(0))["image"].float()
         H, W = image.shape[-2:]
         out = model.decode(model.extract(image[None]), text)
-        probs = mask_probabilities(model, out["pred_masks"][0], (H, W))  # (Q, H, W)
+        probs = mask_probabilities(model, out["pred_masks"][0], (H, W), icfg.mask_align_corners)  # (Q, H, W)
         p_mask = out["pred_logits"][0].softmax(-1)[:, :-1]  # (Q, K)
         p_clip = clip_probabilities(model, image, probs, text, icfg)
         p_ens = geometric_ensemble(p_mask, p_clip, unseen, icfg.clip_weight_seen, icfg.clip_weight_unseen)

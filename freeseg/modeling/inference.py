@@ -49,11 +49,12 @@ def _task_text(model: FreeSeg, class_names: list[str], task: str, text_cache: di
     return text
 
 
-def mask_probabilities(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def mask_probabilities(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[int, int],
+                       align_corners: bool = True) -> torch.Tensor:
     """mask logits (Q, h, w) at stride 4 of the input that `model.extract` padded -> probabilities
     (Q, H, W) of the image of `size` (H, W)."""
     padded = model.padded_size(size)
-    up = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=True)[0]
+    up = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=align_corners)[0]
     return up[:, :size[0], :size[1]].sigmoid()
 
 
@@ -113,7 +114,7 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
         start = record_time(task_times, "ttpt", start)
     out = model.decode(features, text, task_times)
     start = time.perf_counter()
-    masks = mask_probabilities(model, out["pred_masks"][0], (H, W))  # (Q, H, W)
+    masks = mask_probabilities(model, out["pred_masks"][0], (H, W), cfg.mask_align_corners)  # (Q, H, W)
     probs = out["pred_logits"][0].softmax(dim=-1)  # (Q, K + 1)
     p_mask, p_void = probs[:, :K], probs[:, K:]
     start = record_time(task_times, "postprocess", start)

@@ -21,6 +21,11 @@ product with them alone draws both objects or neither; the disc lets a query kee
 features of a deep, fine-tuned ImageNet backbone carry position through zero padding, Islam
 et al., ICLR 2020; the toy world's tiny frozen backbone hardly does.) Relative-coordinate
 channels in CondInst (Tian et al., ECCV 2020) and CoordConv in SOLO play the same role.
+To place its disc a query must know where its object is, and Mask2Former's cross-attention does
+not tell it: positions are added to the keys, never to the values (DETR), so a query that attends
+to one of two identical objects reads the same features whichever it picked. `coord_values`
+(toy world) adds a linear function of each pixel's (u, v) to the features the queries attend
+to, so the attended object's position reaches the query, and from there its disc.
 
 Shapes (axis legend: B batch, Q queries, C channels, E embedding dim, M heads, S flattened
 tokens, H W spatial):
@@ -50,6 +55,19 @@ NUM_LEVELS = 3  # Mask2Former always attends to three scales (res5, res4, res3 l
 # PQ 45.7 / 45.3 and AP 27.4 / 28.1 (all-task seeds 0 / 1), 2 cells 47.8 / 48.9 and 32.8 / 32.6,
 # 1 cell 46.6 and 34.0 (seed 0 only), half a cell 40.0 and 28.6 (seed 0 only; README).
 COORD_UNIT = 2.0
+
+
+def cell_coords(size: tuple[int, int], mask_size: tuple[int, int], dtype: torch.dtype,
+                device: torch.device) -> tuple[Tensor, Tensor]:
+    """(u, v), each (h, w): the centre of every cell of an (h, w) = `size` map laid over the
+    (H/4, W/4) = `mask_size` mask-feature map, in mask-feature cells from that map's centre,
+    divided by COORD_UNIT. On the mask-feature map itself u = (col - (W/4 - 1) / 2) / COORD_UNIT;
+    a coarser level's cell sits at the mean of the mask-feature cells it covers."""
+    (h, w), (H4, W4) = size, mask_size
+    v = ((torch.arange(h, dtype=dtype, device=device) + 0.5) * (H4 / h) - 0.5 - (H4 - 1) / 2) / COORD_UNIT
+    u = ((torch.arange(w, dtype=dtype, device=device) + 0.5) * (W4 / w) - 0.5 - (W4 - 1) / 2) / COORD_UNIT
+    v, u = torch.meshgrid(v, u, indexing="ij")
+    return u, v
 
 
 class MLP(nn.Module):
@@ -138,6 +156,7 @@ class MaskedTransformerDecoder(nn.Module):
         class_mlp_hidden: int = 1024,
         class_mlp_layers: int = 2,
         coord_masks: bool = False,
+        coord_values: bool = False,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -178,16 +197,19 @@ class MaskedTransformerDecoder(nn.Module):
             nn.init.zeros_(self.coord_embed.bias)
         else:
             self.coord_embed = None
+        if coord_values:  # zero at first, like coord_embed
+            self.coord_value = nn.Linear(2, hidden_dim)
+            nn.init.zeros_(self.coord_value.weight)
+            nn.init.zeros_(self.coord_value.bias)
+        else:
+            self.coord_value = None
 
     def coord_logits(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """(B, Q, C) queries -> (B, Q, H/4, W/4): a*u + b*v + c*(u^2 + v^2), where (u, v) is
         the pixel's position from the map centre in units of COORD_UNIT cells.
         With c < 0 this is a disc around (-a/2c, -b/2c): each query can outline a region at a
         place of its own, so it can take one of two identical objects."""
-        h, w = size
-        v = (torch.arange(h, dtype=x.dtype, device=x.device) - (h - 1) / 2) / COORD_UNIT
-        u = (torch.arange(w, dtype=x.dtype, device=x.device) - (w - 1) / 2) / COORD_UNIT
-        v, u = torch.meshgrid(v, u, indexing="ij")
+        u, v = cell_coords(size, size, x.dtype, x.device)
         coords = torch.stack([u, v, u * u + v * v])  # (3, H/4, W/4)
         return torch.einsum("bqk,khw->bqhw", self.coord_embed(x), coords)
 
@@ -218,6 +240,9 @@ class MaskedTransformerDecoder(nn.Module):
             sizes.append(tuple(feat.shape[-2:]))
             pos.append(self.pe_layer(feat).flatten(2).transpose(1, 2))  # (B, S_l, C)
             src = self.input_proj[lvl](feat).flatten(2).transpose(1, 2)  # (B, S_l, C)
+            if self.coord_value is not None:  # every pixel's (u, v), in the disc's units
+                u, v = cell_coords(sizes[-1], tuple(mask_features.shape[-2:]), src.dtype, src.device)
+                src = src + self.coord_value(torch.stack([u, v], -1).flatten(0, 1))  # + (S_l, C)
             srcs.append(src + self.level_embed.weight[lvl])
         query_pos = self.query_embed.weight.unsqueeze(0).expand(B, -1, -1)  # (B, Q, C)
         x = self.query_feat.weight.unsqueeze(0).expand(B, -1, -1)  # (B, Q, C)
@@ -250,4 +275,5 @@ def build_transformer_decoder(cfg: DecoderConfig, in_channels: int, mask_dim: in
         embed_dim=embed_dim,
         class_mlp_hidden=cfg.class_mlp_hidden,
         coord_masks=cfg.coord_masks,
+        coord_values=cfg.coord_values,
     )
