@@ -8,7 +8,8 @@ mask2former/open_vocabulary_model.py (`forward` in eval mode, `semantic_inferenc
         text features of the task's class prompts                 (cached per class list and task)
         [optional: test-time prompt tuning of the class prompt]   (ttpt.py)
         interaction + transformer decoder -> last layer's logits and masks
-        masks: bilinear (align_corners=True, as the official code) to the padded input size,
+        masks: bilinear (align_corners=True as the official code, or False as training
+               upsamples: `mask_align_corners`) to the padded input size,
                cropped to the image, sigmoid -> (Q, H, W)
         p_mask = softmax over K + 1, no-object column dropped      (Q, K)
         p_clip = CLIP on the mask crops of the input image         (Q, K)   region_classifier.py

@@ -25,7 +25,8 @@ To place its disc a query must know where its object is, and Mask2Former's cross
 not tell it: positions are added to the keys, never to the values (DETR), so a query that attends
 to one of two identical objects reads the same features whichever it picked. `coord_values`
 (toy world) adds a linear function of each pixel's (u, v) to the features the queries attend
-to, so the attended object's position reaches the query, and from there its disc.
+to (keys and values alike), so the attended object's position reaches the query, and from
+there its disc.
 
 Shapes (axis legend: B batch, Q queries, C channels, E embedding dim, M heads, S flattened
 tokens, H W spatial):
