@@ -51,9 +51,9 @@ def _task_text(model: FreeSeg, class_names: list[str], task: str, text_cache: di
 
 
 def mask_probabilities(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[int, int],
-                       align_corners: bool = True) -> torch.Tensor:
+                       align_corners: bool) -> torch.Tensor:
     """mask logits (Q, h, w) at stride 4 of the input that `model.extract` padded -> probabilities
-    (Q, H, W) of the image of `size` (H, W)."""
+    (Q, H, W) of the image of `size` (H, W); `align_corners` is `InferenceConfig.mask_align_corners`."""
     padded = model.padded_size(size)
     up = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=align_corners)[0]
     return up[:, :size[0], :size[1]].sigmoid()
