@@ -133,6 +133,29 @@ def test_padding_cut_and_length_groups_equal_the_full_context():
             assert (model.encode_text(tokens, length_groups=groups) - full).abs().max() < 1e-5
 
 
+def test_shared_prefix_path_equals_whole_sequences_with_gradients():
+    """encode_text_shared_prefix (the prompt learner's path) against encode_text_embeddings on the
+    concatenated sequences: values and gradients of the shared and the own tokens (float32; the
+    LayerNorms compute in float32 whatever the model's dtype, as OpenAI's do)."""
+    torch.manual_seed(0)
+    model = CLIP(**TOY).eval()
+    P, K, T = 6, 5, 4
+    head = torch.randn(P, 128, requires_grad=True)
+    tails = torch.randn(K, T, 128, requires_grad=True)
+    eot = torch.tensor([6, 9, 7, 8, 9])  # in the whole sequence; later tokens are padding
+    weights = torch.randn(K, 128)
+    whole = model.encode_text_embeddings(torch.cat([head.expand(K, -1, -1), tails], dim=1), eot)
+    grads_whole = torch.autograd.grad((whole * weights).sum(), [head, tails])
+    shared = model.encode_text_shared_prefix(head, tails, eot)
+    grads_shared = torch.autograd.grad((shared * weights).sum(), [head, tails])
+    torch.testing.assert_close(shared, whole, rtol=0, atol=1e-5)
+    for a, b in zip(grads_shared, grads_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert a.abs().max() > 1e-3  # every token, shared or own, gets a gradient
+    with pytest.raises(ValueError, match="end-of-text index is inside the 6 shared tokens"):
+        model.encode_text_shared_prefix(head, tails, torch.tensor([5, 9, 7, 8, 9]))
+
+
 def test_text_is_causal():
     """Tokens after the EOT (padding) cannot change the text feature."""
     ours = our_model(VIT_B16_REDUCED)

@@ -36,7 +36,7 @@ def test_entropy_drops_and_prompt_is_restored():
     # The default step size (1e-3): at 1e-2, AdamW's first, sign-like steps move every prompt
     # coordinate so far that on some random tiny models the entropy rises (seed 3 of this model).
     cfg = TTPTConfig(enabled=True, steps=5, lr=1e-3, entropy_threshold=0.9)
-    text, stats = tune_text_features(model, features, NAMES, "semantic", UNSEEN, cfg)
+    text, stats = tune_text_features(model, features, NAMES, "semantic", UNSEEN, cfg, measure_after=True)
     assert stats["selected"] > 0
     assert stats["entropy_after"] < stats["entropy_before"], stats
     assert text.shape == (4, 32) and not text.requires_grad
@@ -47,6 +47,9 @@ def test_entropy_drops_and_prompt_is_restored():
     # The tuned features differ from the untuned ones.
     with torch.no_grad():
         assert (text - model.text_features(NAMES, "semantic")).abs().max() > 1e-6
+    # Without the after-measurement (what `predict` asks for) the tuning is the same.
+    unmeasured, stats = tune_text_features(model, features, NAMES, "semantic", UNSEEN, cfg)
+    assert torch.equal(unmeasured, text) and math.isnan(stats["entropy_after"])
 
 
 def test_prompt_restored_when_tuning_fails(monkeypatch):

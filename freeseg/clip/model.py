@@ -19,7 +19,8 @@ Differences from OpenAI's `clip/model.py` (same numbers, other code):
 - the causal text mask is `is_causal=True` rather than a stored -inf matrix;
 - `build_model` always returns a float32 model (OpenAI casts to fp16); fp16 checkpoints are
   converted on load;
-- `encode_text_embeddings` exposes the text tower after the token lookup (the prompt learner).
+- `encode_text_embeddings` exposes the text tower after the token lookup (the prompt learner),
+  and `encode_text_shared_prefix` runs it on sequences that share their first tokens once.
 
 Axis legend: B batch, C channels, H W spatial, S flattened tokens, T text tokens, M heads,
 D head dim, E joint embedding dim.
@@ -94,6 +95,26 @@ class MultiheadAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, M, S, D)
         return self.out_proj(_merge_heads(y))
 
+    def forward_shared_prefix(self, head: torch.Tensor, tails: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal self-attention over K sequences that begin with the same P tokens.
+
+        head (1, P, C) the shared tokens, tails (K, T, C) each sequence's own tokens -> (head out
+        (1, P, C), tails out (K, T, C)): what `forward(cat(head, tails[k]), causal=True)` gives
+        for every k. Causally, the head never sees a tail, so it is attended once; tail token t
+        sees the whole head and tail tokens up to t (a prefix cache, as in text generation).
+        """
+        (K, T, _), P = tails.shape, head.shape[1]
+        qh, kh, vh = (_split_heads(t, self.num_heads) for t in
+                      F.linear(head, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))  # (1, M, P, D)
+        qt, kt, vt = (_split_heads(t, self.num_heads) for t in
+                      F.linear(tails, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))  # (K, M, T, D)
+        yh = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)  # (1, M, P, D)
+        k = torch.cat([kh.expand(K, -1, -1, -1), kt], dim=2)  # (K, M, P + T, D)
+        v = torch.cat([vh.expand(K, -1, -1, -1), vt], dim=2)
+        sees = torch.ones(T, P + T, dtype=torch.bool, device=tails.device).tril(diagonal=P)  # (T, P + T)
+        yt = F.scaled_dot_product_attention(qt, k, v, attn_mask=sees)  # (K, M, T, D)
+        return self.out_proj(_merge_heads(yh)), self.out_proj(_merge_heads(yt))
+
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); MLP ratio 4."""
@@ -113,6 +134,13 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal=self.causal)
         return x + self.mlp(self.ln_2(x))
+
+    def forward_shared_prefix(self, head: torch.Tensor, tails: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal block over K sequences that begin with the same tokens (see
+        `MultiheadAttention.forward_shared_prefix`): head (1, P, C), tails (K, T, C) -> the same shapes."""
+        attn_head, attn_tails = self.attn.forward_shared_prefix(self.ln_1(head), self.ln_1(tails))
+        head, tails = head + attn_head, tails + attn_tails
+        return head + self.mlp(self.ln_2(head)), tails + self.mlp(self.ln_2(tails))
 
 
 class Transformer(nn.Module):
@@ -368,6 +396,30 @@ class CLIP(nn.Module):
         x = self.ln_final(self.transformer(x))  # (B, T, C)
         x = x[torch.arange(B, device=x.device), eot_index]  # (B, C)
         return x @ self.text_projection  # (B, E)
+
+    def encode_text_shared_prefix(self, head: torch.Tensor, tails: torch.Tensor,
+                                  eot_index: torch.Tensor) -> torch.Tensor:
+        """`encode_text_embeddings` for K sequences that all begin with the same P embeddings:
+        head (P, C), tails (K, T, C), eot_index (K,) counted from the start of the whole
+        sequence (so >= P) -> (K, E), the features of the sequences cat(head, tails[k]).
+
+        The prompt learner's sequences share their task words, task vectors, start token and class
+        context; only the class name, "." and end token differ. The causal tower computes the
+        shared part once (up to float rounding, the same features): on the toy preset's 35 prompts
+        (10 shared tokens of 14) the forward and backward pass take about 2.5x less time.
+        """
+        P, (K, T, C) = head.shape[0], tails.shape
+        if P == 0:
+            return self.encode_text_embeddings(tails, eot_index)
+        if bool((eot_index < P).any()):
+            raise ValueError(f"encode_text_shared_prefix: an end-of-text index is inside the {P} shared tokens")
+        positions = self.positional_embedding.to(self.dtype)
+        head = (head.to(self.dtype) + positions[:P])[None]  # (1, P, C)
+        tails = tails.to(self.dtype) + positions[P:P + T]  # (K, T, C)
+        for block in self.transformer.resblocks:
+            head, tails = block.forward_shared_prefix(head, tails)
+        x = self.ln_final(tails[torch.arange(K, device=tails.device), eot_index - P])  # (K, C)
+        return x @ self.text_projection  # (K, E)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor,
                 length_groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

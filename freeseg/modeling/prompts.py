@@ -112,32 +112,39 @@ class PromptLearner(nn.Module):
             self._word_cache[text] = emb.float()
         return self._word_cache[text].to(self.start_signal.device)
 
-    def sequences(self, class_names: list[str], task: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token-embedding sequences in the official order -> (x (K, T, C), eot_index (K,))."""
+    def parts(self, class_names: list[str], task: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The token-embedding sequences in the official order, split where they part:
+        -> (head (P, C) shared by every class: [task words][task vectors][SOS][class context];
+            tails (K, T, C): [class words][.][EOT][padding];
+            eot_index (K,): each end-of-text token's position in the whole sequence, >= P)."""
         head = []
         if task is not None:
             if task not in self.tasks:
                 raise ValueError(f"PromptLearner: unknown task {task!r}; known: {', '.join(self.tasks)}")
             head += [self._words(task_sentence(task)), self.task_prompt]
-        head = torch.cat(head + [self.start_signal, self.prefix_prompt])  # (h, C)
-        tail = torch.cat([self.dot_signal, self.end_signal])  # (2, C)
+        head = torch.cat(head + [self.start_signal, self.prefix_prompt])  # (P, C)
         names = [self._words(name) for name in class_names]
-        lengths = [head.shape[0] + n.shape[0] + tail.shape[0] for n in names]
+        lengths = [n.shape[0] + 2 for n in names]  # + "." and EOT
         limit = self.clip_model.context_length
         for name, length in zip(class_names, lengths):
-            if length > limit:
-                raise ValueError(f"PromptLearner: prompt for class {name!r} needs {length} tokens, "
+            if head.shape[0] + length > limit:
+                raise ValueError(f"PromptLearner: prompt for class {name!r} needs {head.shape[0] + length} tokens, "
                                  f"CLIP's context holds {limit}")
         T = max(lengths)  # cut after the longest EOT: the causal text tower ignores later tokens
-        x = torch.stack([torch.cat([head, n, tail, self.pad_signal.expand(T - L, -1)])
-                         for n, L in zip(names, lengths)])  # (K, T, C)
-        return x, torch.tensor(lengths, device=x.device) - 1
+        tails = torch.stack([torch.cat([n, self.dot_signal, self.end_signal, self.pad_signal.expand(T - L, -1)])
+                             for n, L in zip(names, lengths)])  # (K, T, C)
+        return head, tails, torch.tensor(lengths, device=tails.device) + head.shape[0] - 1
+
+    def sequences(self, class_names: list[str], task: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole token-embedding sequences -> (x (K, T, C), eot_index (K,))."""
+        head, tails, eot = self.parts(class_names, task)
+        return torch.cat([head.expand(len(tails), -1, -1), tails], dim=1), eot
 
     def forward(self, class_names: list[str], task: str | None = None) -> torch.Tensor:
         if len(class_names) == 0:
             raise ValueError("PromptLearner: empty class list")
-        x, eot = self.sequences(class_names, task)
-        features = self.clip_model.encode_text_embeddings(x, eot)  # (K, E)
+        # The K sequences share their first tokens; the text tower computes those once.
+        features = self.clip_model.encode_text_shared_prefix(*self.parts(class_names, task))  # (K, E)
         return F.normalize(features.float(), dim=-1)
 
 

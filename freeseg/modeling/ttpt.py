@@ -36,12 +36,13 @@ def unseen_entropy(logits: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
 
 
 def tune_text_features(model, features: dict, class_names: list[str], task: str, unseen: torch.Tensor,
-                       cfg: TTPTConfig) -> tuple[torch.Tensor, dict]:
+                       cfg: TTPTConfig, measure_after: bool = False) -> tuple[torch.Tensor, dict]:
     """Tune the class prompt on one image's features (from `model.extract`, batch of one).
 
     -> (text features (K, E) from the tuned prompt, detached;
         stats {"selected": number of queries kept, "entropy_before", "entropy_after": mean
-        unseen entropy of the kept queries before / after tuning (nan if none kept)}).
+        unseen entropy of the kept queries before / after tuning (nan if none kept, or if not
+        `measure_after`: measuring it costs one more decoder pass)}).
     The model's prompt is unchanged on return.
     """
     learner = model.prompt_learner
@@ -72,7 +73,7 @@ def tune_text_features(model, features: dict, class_names: list[str], task: str,
                 opt.step()
         with torch.no_grad():
             text = learner(class_names, task)
-            if selected is not None and selected.any():
+            if measure_after and selected is not None and selected.any():
                 logits = model.decode(features, text)["pred_logits"][0]
                 stats["entropy_after"] = float(unseen_entropy(logits, unseen)[selected].mean())
         return text.detach(), stats
