@@ -1,4 +1,5 @@
-"""Benchmarks. `python -m freeseg.bench msda [--threads 2] [--repeat 5]`, `python -m freeseg.bench step`.
+"""Benchmarks. `python -m freeseg.bench msda [--threads 2] [--repeat 5]`, `python -m freeseg.bench step`,
+`python -m freeseg.bench prompts`.
 
 msda: multi-scale deformable attention at the size of FreeSeg's pixel-decoder encoder layer
 (DESIGN.md section 2; Deformable DETR's defaults as used by Mask2Former): batch 1, a 640x640
@@ -16,6 +17,13 @@ each and the 156 seen COCO-Stuff classes, through `engine.alltask_step` (the cod
 runs), bf16 autocast on a GPU as the preset says. Prints the median seconds per iteration per
 task, the peak GPU memory and what 60k iterations of the official recipe (global batch 32)
 would take at that speed on 32 / batch such devices.
+
+prompts: the prompt learner's text features of the 171 COCO-Stuff classes through ViT-B/16's
+text tower (width 512, 12 layers, 8 heads; random weights), with the COCO preset's 16 class-context
+and 8 task vectors: forward and forward+backward (to the prompts) of the whole sequences
+(`PromptLearner.sequences` + `CLIP.encode_text_embeddings`) against the path the learner takes,
+which computes the tokens every prompt shares once (`CLIP.encode_text_shared_prefix`). Prints the
+median times, the speed-up and the largest difference of the features.
 """
 
 import argparse
@@ -161,6 +169,48 @@ def bench_step(device: str, batch: int, repeat: int, size: int = 640) -> None:
           f"{cfg.train.batch_size} take ~{hours:.1f} h on {devices:g} such devices (compute only, no data loading)")
 
 
+def bench_prompts(device: str, threads: int, repeat: int) -> None:
+    import torch.nn.functional as F
+
+    from freeseg.clip import CLIP, default_tokenizer
+    from freeseg.data.categories import class_names, get_categories
+    from freeseg.modeling.prompts import PromptLearner
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    # ViT-B/16's text tower (OpenAI's CLIP(...) arguments); a one-layer image tower, never run.
+    clip_model = CLIP(512, 224, 1, 64, 16, 77, 49408, 512, 8, 12).to(device).eval()
+    learner = PromptLearner(clip_model, default_tokenizer(), class_ctx=16, task_ctx=8).to(device)
+    names = class_names(get_categories("coco"))
+    head, tails, _ = learner.parts(names, "semantic")
+    grad_out = torch.randn(len(names), clip_model.embed_dim, device=device)
+
+    def whole() -> torch.Tensor:
+        x, eot = learner.sequences(names, "semantic")
+        return F.normalize(clip_model.encode_text_embeddings(x, eot).float(), dim=-1)
+
+    def shared() -> torch.Tensor:
+        return learner(names, "semantic")
+
+    print(f"prompt learner, {len(names)} COCO-Stuff classes, ViT-B/16 text tower (random weights), "
+          f"{head.shape[0]} shared + {tails.shape[1]} own tokens per prompt, float32, "
+          f"{torch.cuda.get_device_name() if device == 'cuda' else f'{threads} CPU thread(s)'}; median of {repeat}")
+    header = f"{'path':<16}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd x':>7}{'fwd+bwd x':>11}"
+    print(header)
+    print("-" * len(header))
+    with torch.no_grad():
+        diff = (whole() - shared()).abs().max().item()
+    baseline = None
+    for name, fn in (("whole sequences", whole), ("shared prefix", shared)):
+        with torch.no_grad():
+            forward = median_seconds(fn, repeat, device)
+        both = median_seconds(lambda: (fn() * grad_out).sum().backward(), repeat, device)
+        baseline = baseline or (forward, both)
+        print(f"{name:<16}{forward * 1e3:>9.1f}{both * 1e3:>12.1f}{baseline[0] / forward:>6.1f}x"
+              f"{baseline[1] / both:>10.1f}x")
+    print(f"max |difference| of the L2-normalised features: {diff:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -171,9 +221,15 @@ def main() -> None:
     step.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     step.add_argument("--batch", type=int, default=4, help="images per device (official: 32 over 8 GPUs)")
     step.add_argument("--repeat", type=int, default=5, help="timed iterations per task (median)")
+    prompts = sub.add_parser("prompts", help="prompt learner: whole sequences vs the shared prefix")
+    prompts.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    prompts.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    prompts.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
     args = parser.parse_args()
     if args.bench == "msda":
         bench_msda(args.threads, args.repeat)
+    elif args.bench == "prompts":
+        bench_prompts(args.device, args.threads, args.repeat)
     else:
         bench_step(args.device, args.batch, args.repeat)
 
