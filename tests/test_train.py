@@ -284,3 +284,34 @@ def test_alltask_targets_line_up_with_masks_predicted_over_the_padded_input():
     assert iou(pred, target["masks"]) > 0.95
     unpadded = upsample_masks(20 * (cover - 0.5), (72, 72)) > 0  # what an unpadded target meets
     assert iou(unpadded, mask) < 0.5
+
+
+def test_semantic_iterations_learn_from_segments_when_asked():
+    """TrainConfig.semantic_targets: "classes" (official) gives two same-class things one mask in
+    a semantic iteration, "segments" (the toy preset) one mask each, as the panoptic task does."""
+    import train
+    from freeseg.config import get_preset
+
+    masks = torch.zeros(3, 32, 32, dtype=torch.bool)
+    masks[0, 2:10, 2:10] = masks[1, 20:30, 20:30] = True  # two things of class 3
+    masks[2] = ~(masks[0] | masks[1])  # stuff of class 5 around them
+    sem_seg = torch.full((32, 32), 5)
+    sem_seg[masks[0] | masks[1]] = 3
+    sample = {"sem_seg": sem_seg, "masks": masks, "labels": torch.tensor([3, 3, 5]),
+              "isthing": torch.tensor([True, True, False])}
+    remap = torch.tensor([-1, -1, -1, 0, -1, 1])  # dataset classes 3 and 5 are seen classes 0 and 1
+
+    def targets(task, semantic_targets):
+        (t,) = train.alltask_targets([sample], train.target_task(task, semantic_targets), remap, (32, 32),
+                                     torch.device("cpu"))
+        return t
+
+    official = targets("semantic", "classes")
+    assert official["labels"].tolist() == [0, 1] and torch.equal(official["masks"][0], masks[0] | masks[1])
+    segments = targets("semantic", "segments")
+    assert segments["labels"].tolist() == [0, 0, 1] and torch.equal(segments["masks"], masks)
+    assert targets("instance", "segments")["labels"].tolist() == [0, 0]  # other tasks unchanged
+    with pytest.raises(ValueError, match="train.semantic_targets must be"):
+        train.target_task("semantic", "instances")
+    assert get_preset("coco").train.semantic_targets == "classes"
+    assert get_preset("toy").train.semantic_targets == "segments"
