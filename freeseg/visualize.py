@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from freeseg.distributed import atomic_write_json
 
@@ -34,6 +35,18 @@ def segments_from_result(task: str, result) -> list[dict]:
             for s in info]
 
 
+def label_point(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) where a segment's label goes: of its pixels at least half as deep inside it as its
+    deepest one (distance to the nearest outside pixel), the one nearest its centre of mass. For
+    a compact segment that is the pixel at its centre of mass; a ring's or a C's centre of mass
+    lies outside it (a wall around an object), where the label would name the wrong segment."""
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]  # (H, W), 0 outside
+    ys, xs = np.nonzero(depth >= 0.5 * depth.max())  # the deep pixels
+    all_ys, all_xs = np.nonzero(mask)
+    near = np.argmin((xs - all_xs.mean()) ** 2 + (ys - all_ys.mean()) ** 2)
+    return float(xs[near]), float(ys[near])
+
+
 def draw(image: np.ndarray, segments: list[dict], class_names: list[str], unseen=None, scale: int = 1) -> Image.Image:
     """Overlay `segments` on an (H, W, 3) uint8 image; a legend lists the classes shown."""
     h, w = image.shape[:2]
@@ -57,11 +70,12 @@ def draw(image: np.ndarray, segments: list[dict], class_names: list[str], unseen
     out = Image.new("RGB", (w * scale + legend_w, max(h * scale, 16 * len(shown) + 10)), (255, 255, 255))
     out.paste(picture, (0, 0))
     pen = ImageDraw.Draw(out)
-    for seg in segments:  # label each segment at its centre of mass
-        ys, xs = np.nonzero(seg["mask"].cpu().numpy() if torch.is_tensor(seg["mask"]) else seg["mask"])
-        if len(xs):
-            pen.text((xs.mean() * scale, ys.mean() * scale), class_names[seg["category_id"]][:14],
-                     fill=(0, 0, 0), font=font, anchor="mm")
+    for seg in segments:  # label each segment inside it, near its centre of mass
+        m = seg["mask"].cpu().numpy() if torch.is_tensor(seg["mask"]) else seg["mask"]
+        if m.any():
+            x, y = label_point(m)
+            pen.text((x * scale, y * scale), class_names[seg["category_id"]][:14], fill=(0, 0, 0), font=font,
+                     anchor="mm")
     for row, k in enumerate(shown):
         y = 6 + 16 * row
         pen.rectangle([w * scale + 8, y, w * scale + 20, y + 12], fill=tuple(int(c) for c in PALETTE[k % len(PALETTE)]))

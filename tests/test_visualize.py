@@ -16,7 +16,7 @@ from PIL import ImageFont
 if not hasattr(pytest.importorskip("freeseg.distributed"), "atomic_write_json"):
     pytest.skip("freeseg.distributed.atomic_write_json does not exist yet", allow_module_level=True)
 
-from freeseg.visualize import PALETTE, draw, save_segments_json, segments_from_result  # noqa: E402
+from freeseg.visualize import PALETTE, draw, label_point, save_segments_json, segments_from_result  # noqa: E402
 
 GRAY = 100
 
@@ -152,3 +152,19 @@ def test_save_segments_json_writes_class_score_area_and_box(tmp_path):
     assert rows[1]["box_xyxy"] == [28, 4, 44, 36]
     assert rows[2]["box_xyxy"] is None  # an empty mask has no box
     assert payload["semantic"] == rows[:1]
+
+
+def test_labels_sit_inside_their_segment():
+    """A box is labelled at its centre of mass; a ring (a wall around an object), whose centre of
+    mass is in the hole, is labelled on the ring itself, in its thick part."""
+    box = np.zeros((40, 48), dtype=bool)
+    box[4:36, 4:24] = True
+    x, y = label_point(box)
+    assert abs(x - 13.5) <= 0.5 and abs(y - 19.5) <= 0.5
+    yy, xx = np.mgrid[0:60, 0:60]
+    radius = np.hypot(yy - 30, xx - 30)
+    ring = (radius < 28) & ~(radius < 12)
+    ring[:, :10] = False  # thinner on the left: the label goes to the thick part
+    x, y = label_point(ring)
+    assert ring[int(y), int(x)] and not ring[30, 30]
+    assert x > 30  # the right half, where the ring is 16 px thick
