@@ -88,9 +88,13 @@ class MultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, S, C) -> queries, keys, values, each split into heads (B, M, S, D)."""
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, S, C)
-        q, k, v = (_split_heads(t, self.num_heads) for t in (q, k, v))  # (B, M, S, D)
+        return tuple(_split_heads(t, self.num_heads) for t in (q, k, v))
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        q, k, v = self._project(x)  # (B, M, S, D)
         # is_causal: token t attends to tokens <= t (OpenAI: a -inf matrix above the diagonal).
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, M, S, D)
         return self.out_proj(_merge_heads(y))
@@ -104,10 +108,8 @@ class MultiheadAttention(nn.Module):
         sees the whole head and tail tokens up to t (a prefix cache, as in text generation).
         """
         (K, T, _), P = tails.shape, head.shape[1]
-        qh, kh, vh = (_split_heads(t, self.num_heads) for t in
-                      F.linear(head, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))  # (1, M, P, D)
-        qt, kt, vt = (_split_heads(t, self.num_heads) for t in
-                      F.linear(tails, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))  # (K, M, T, D)
+        qh, kh, vh = self._project(head)  # (1, M, P, D)
+        qt, kt, vt = self._project(tails)  # (K, M, T, D)
         yh = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)  # (1, M, P, D)
         k = torch.cat([kh.expand(K, -1, -1, -1), kt], dim=2)  # (K, M, P + T, D)
         v = torch.cat([vh.expand(K, -1, -1, -1), vt], dim=2)
@@ -409,7 +411,7 @@ class CLIP(nn.Module):
         (10 shared tokens of 14) the forward and backward pass took 11-12 ms instead of 21-23 ms
         on this project's 2-core machine.
         """
-        P, (K, T, C) = head.shape[0], tails.shape
+        P, (K, T, _) = head.shape[0], tails.shape
         if P == 0:
             return self.encode_text_embeddings(tails, eot_index)
         if bool((eot_index < P).any()):
