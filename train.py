@@ -1,6 +1,7 @@
 """Train FreeSeg: the tiny CLIP and the backbone (toy world only), the prompt stage and the all-task stage.
 
-    python train.py --dataset toy                       # the whole miniature world, end to end
+    torchrun --standalone --nproc_per_node=2 train.py --dataset toy   # the whole miniature world, end to end
+    python train.py --dataset toy                       # the same in one process
     torchrun --nproc_per_node=8 train.py --dataset coco --stage prompt
     torchrun --nproc_per_node=8 train.py --dataset coco --stage alltask --init runs/coco/prompt/checkpoint.pt
     python train.py --dataset toy --stage alltask --set train.iterations=100 --resume
@@ -237,6 +238,7 @@ def run_toy(args) -> None:
 
     run = Path(args.output_dir or "runs/toy")
     root = data_root(args.data_root)
+    dist.init_distributed()  # under torchrun: every stage below runs on all ranks, the data is written by rank 0
     if dist.is_main():
         prepare_toy(root, force=False, workers=2)
     dist.barrier()
@@ -255,20 +257,26 @@ def run_toy(args) -> None:
         else:
             dist.print0(f"[toy] {stage}: training -> {ckpt}")
             (run / stage).mkdir(parents=True, exist_ok=True)
+            # The tiny CLIP and the backbone learn from batches of 64 small images, which one
+            # process with every core trains faster than one rank per core; the CLIP's image
+            # tower also normalises over the whole batch (BatchNorm). Under 2 ranks of 32 the
+            # CLIP stage ran at 5.7 steps/s instead of 6.2-6.7 and reached 88.3% zero-shot, not 98.6%.
             if stage == "clip":
-                train_clip(cfg, run / stage, resume=True)
+                dist.run_alone(lambda: train_clip(cfg, run / stage, resume=True))
             elif stage == "backbone":
-                train_backbone(cfg, run / stage, resume=True)
+                dist.run_alone(lambda: train_backbone(cfg, run / stage, resume=True))
             elif stage == "prompt":
                 train_prompt(cfg, run / stage, resume=True)
             else:
                 train_alltask(cfg, run / stage, resume=True, init=str(run / "prompt" / "checkpoint.pt"))
+        dist.barrier()  # rank 0 writes the checkpoint that every rank reads next
         stages.append(ckpt)
+    rows = evaluate_checkpoint(stages[-1], out=run / "results.json", ablation=True)  # images split over ranks
     if dist.is_main():
-        rows = evaluate_checkpoint(stages[-1], out=run / "results.json", ablation=True)
         for name, results in rows.items():  # every ablation row, for the README and the CI test
             write_results(run / f"ablation_{name.strip('+ ').replace(' ', '_')}.json", results)
         demo_toy(stages[-1], out=run / "demo.png")
+    dist.barrier()
 
 
 def main(argv=None) -> None:
@@ -277,6 +285,7 @@ def main(argv=None) -> None:
         if args.dataset != "toy":
             raise SystemExit("--stage is required for real datasets: prompt, then alltask")
         run_toy(args)
+        dist.cleanup()
         return
     if args.stage == "clip" and args.dataset != "toy":
         raise SystemExit("--stage clip trains the toy world's tiny CLIP; real datasets use OpenAI's CLIP")

@@ -11,7 +11,7 @@ by torchrun's environment variables; `print` is never monkey-patched (use `print
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -19,9 +19,13 @@ import torch.distributed as dist
 from freeseg.data.io import atomic_write
 
 
+_alone = False  # True while rank 0 runs a stage by itself (`run_alone`)
+
+
 def is_distributed() -> bool:
-    """True inside an initialised process group (world size may still be 1)."""
-    return dist.is_available() and dist.is_initialized()
+    """True inside an initialised process group (world size may still be 1), unless rank 0 is
+    running a stage alone."""
+    return dist.is_available() and dist.is_initialized() and not _alone
 
 
 def get_rank() -> int:
@@ -40,16 +44,19 @@ def init_distributed(device: str | None = None) -> tuple[int, int, int, torch.de
     """Join the process group described by torchrun's RANK / WORLD_SIZE / LOCAL_RANK variables.
 
     `device` forces "cpu" (gloo) or "cuda" (nccl); by default CUDA is used when available.
-    Without torchrun's variables this is a single process: nothing is initialised.
+    Without torchrun's variables this is a single process: nothing is initialised. A second
+    call returns the same answer without joining again.
     Returns (rank, world_size, local_rank, device).
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError(f"init_distributed(device={device!r}): CUDA is not available")
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or _alone:
         return 0, 1, 0, torch.device("cuda", 0) if use_cuda else torch.device("cpu")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if dist.is_initialized():  # joined already (the toy pipeline runs its stages in one process group)
+        return rank, world_size, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         # One GPU per process; set before init so NCCL and all_gather_object use the right one.
         torch.cuda.set_device(local_rank)
@@ -59,6 +66,31 @@ def init_distributed(device: str | None = None) -> tuple[int, int, int, torch.de
     # init_method "env://" reads MASTER_ADDR / MASTER_PORT, which torchrun sets.
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
     return rank, world_size, local_rank, dev
+
+
+def run_alone(fn: Callable[[], Any]) -> Any:
+    """Call `fn` on rank 0 as a single process with every rank's threads, while the other ranks
+    wait; returns what it returns (None on the other ranks). Inside, every helper of this module
+    answers as in a plain `python` run: rank 0 of 1, reductions are no-ops.
+
+    For a stage that one process runs faster or better than several (the tiny CLIP learns from
+    one 64-image batch whose image tower's BatchNorm sees all of it), within a torchrun job.
+    """
+    global _alone
+    if not is_distributed():
+        return fn()
+    result = None
+    if is_main():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads * get_world_size())  # the cores the other ranks leave idle
+        _alone = True
+        try:
+            result = fn()
+        finally:
+            _alone = False
+            torch.set_num_threads(threads)
+    barrier()
+    return result
 
 
 def cleanup() -> None:
@@ -101,6 +133,23 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` (B, ...) stacked in rank order (W*B, ...); `x` itself in a single process.
+
+    Only this rank's rows carry a gradient (the others arrive as plain numbers), so a loss
+    computed alike on every rank from the gathered rows, backpropagated on each and its
+    gradients summed over ranks, has the gradient of the loss on the whole batch: each rank
+    contributes the part that flows through its own rows (open_clip's `gather_features` without
+    `gather_with_grad` does the same).
+    """
+    if get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[get_rank()] = x
+    return torch.cat(parts)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

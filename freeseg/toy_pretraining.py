@@ -122,17 +122,25 @@ def train_clip(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
         engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
         images = clip.normalize_pixels(images.to(device))  # (B, 3, R, R)
         tokens = tokenizer(captions, context_length=c.context_length).to(device)  # (B, T)
+        image_features = F.normalize(model.encode_image(images), dim=-1)  # (b, E), b = B / ranks
         # Captions in two groups of similar length: most are short (CLIP.encode_text).
-        logits_per_image, logits_per_text = model(images, tokens, length_groups=2)  # (B, B) each
+        text_features = F.normalize(model.encode_text(tokens, length_groups=2), dim=-1)
+        # Under torchrun every image is compared with every caption of the whole batch, not only
+        # those of its own rank (as CLIP itself was trained): the same B x B logits on every rank.
+        image_features, text_features = dist.gather_rows(image_features), dist.gather_rows(text_features)
+        logits_per_image = model.logit_scale.exp() * image_features @ text_features.t()  # (B, B)
         # Symmetric InfoNCE; two pairs whose captions name the same classes ("a red circle." and
         # "a photo of a red circle.") are positives of each other, not negatives.
-        _, caption_id = np.unique([toy_caption_key(t) for t in captions], return_inverse=True)
+        keys = [key for part in dist.all_gather_object([toy_caption_key(t) for t in captions]) for key in part]
+        _, caption_id = np.unique(keys, return_inverse=True)
         caption_id = torch.as_tensor(caption_id, device=device)
         positives = (caption_id[:, None] == caption_id[None, :]).float()
         targets = positives / positives.sum(1, keepdim=True)
-        loss = 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
+        loss = 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.t(), targets))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Each rank's gradient is the part flowing through its own rows (dist.gather_rows); their
+        # sum, not their mean, is the gradient of the whole batch's loss.
+        (loss * dist.get_world_size()).backward()
         engine.average_gradients(model)
         optimizer.step()
         with torch.no_grad():

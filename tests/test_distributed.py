@@ -74,6 +74,38 @@ def fill_all(items, rank=0, world=1):
     return sem, pan, ins
 
 
+def contrastive_loss(model, images, texts, world=1):
+    gather = distributed.gather_rows if world > 1 else (lambda x: x)
+    image_features, text_features = gather(model[0](images)), gather(model[1](texts))
+    logits = image_features @ text_features.t()
+    target = torch.arange(len(logits))
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, target)
+                  + torch.nn.functional.cross_entropy(logits.t(), target)) * world
+
+
+def contrastive_gradient_is_the_whole_batch_gradient(rank):
+    """The tiny CLIP's recipe under torchrun: each rank encodes its half of the batch, the loss
+    compares all images with all texts (gather_rows), and the summed gradients (loss x ranks,
+    then engine.average_gradients) equal one process's gradient over the whole batch."""
+    from freeseg import engine
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList([torch.nn.Linear(6, 4, dtype=torch.float64), torch.nn.Linear(5, 4, dtype=torch.float64)])
+    images, texts = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    reference = torch.autograd.grad(contrastive_loss(model, images, texts), list(model.parameters()))
+    mine = slice(4 * rank, 4 * rank + 4)
+    contrastive_loss(model, images[mine], texts[mine], world=2).backward()
+    engine.average_gradients(model)
+    for p, g in zip(model.parameters(), reference):
+        assert torch.allclose(p.grad, g, atol=1e-12), (p.grad, g)
+    # Without the gathered rows each rank would only contrast its own half: another loss.
+    local = torch.autograd.grad(
+        0.5 * (torch.nn.functional.cross_entropy(model[0](images[mine]) @ model[1](texts[mine]).t(), torch.arange(4))
+               + torch.nn.functional.cross_entropy(model[1](texts[mine]) @ model[0](images[mine]).t(), torch.arange(4))),
+        list(model.parameters()))
+    assert not torch.allclose(local[0], reference[0])
+
+
 def worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
@@ -85,6 +117,17 @@ def worker(rank, port, out_dir):
     t = torch.tensor([rank + 1.0, 10.0])
     assert distributed.all_reduce_sum(t) is t and t.tolist() == [3.0, 20.0]
     assert distributed.all_gather_object({"rank": rank}) == [{"rank": 0}, {"rank": 1}]
+
+    contrastive_gradient_is_the_whole_batch_gradient(rank)
+
+    def alone():  # rank 0 sees a single process with both ranks' threads
+        assert (distributed.get_rank(), distributed.get_world_size(), torch.get_num_threads()) == (0, 1, 2)
+        assert distributed.init_distributed(device="cpu")[:2] == (0, 1)
+        assert distributed.all_reduce_sum(torch.tensor([5.0])).item() == 5.0  # no other rank takes part
+        return "done"
+
+    assert distributed.run_alone(alone) == ("done" if rank == 0 else None)
+    assert (distributed.get_rank(), distributed.get_world_size(), torch.get_num_threads()) == (rank, 2, 1)
 
     items = (semantic_data(), panoptic_data(), instance_data())
     sem, pan, ins = fill_all(items, rank, 2)

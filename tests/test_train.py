@@ -151,6 +151,21 @@ def test_torchrun_runs_both_stages_on_cpu(prompt_runs, alltask_runs):
         assert ckpt["config"]["train"]["batch_size"] == 4  # the global batch, not the per-rank one
 
 
+def test_clip_stage_contrasts_the_whole_batch_under_torchrun(toy):
+    """The tiny CLIP's stage (README command 1 runs it under torchrun): 2 ranks x 4 pairs must
+    contrast each image with all 8 captions, as one process does, not with their own 4. The
+    ranks draw other images than one process and the image tower's BatchNorm normalises each
+    rank's half on its own, so the losses are compared loosely; contrasting only the rank's own
+    4 pairs starts near log 4 = 1.39 instead of log 8 = 2.08 (the exact gradient of the
+    gathered loss: tests/test_distributed.py)."""
+    root = toy["root"]
+    _train(["--dataset", "toy", "--stage", "clip", "--data-root", "data", "--output-dir", "clip2", "--set",
+            "train.iterations=2", "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=2"], root, 2)
+    one, two = _metrics(root / "clip"), _metrics(root / "clip2")
+    assert [r["iter"] for r in two] == [1, 2]
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=0.1), (one[0], two[0])
+
+
 def test_prompt_stage_two_processes_match_one_process(prompt_runs):
     from freeseg import engine
 
