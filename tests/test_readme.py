@@ -13,7 +13,8 @@ def _readme_commands() -> list[str]:
 
 def test_readme_opens_with_the_two_commands():
     main, tests = _readme_commands()
-    assert main.endswith("python train.py --dataset toy")  # the embedded default, end to end
+    # The embedded default, end to end: one process per core of a 2-core machine (torchrun).
+    assert main.endswith("torchrun --standalone --nproc_per_node=2 train.py --dataset toy")
     assert tests.endswith("python -m pytest -q")
 
 
