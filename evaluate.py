@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from freeseg import distributed as dist
+from freeseg import engine
 from freeseg.evaluation.runner import evaluate_checkpoint
 
 TOY_CHECKPOINT = Path("runs/toy/alltask/checkpoint.pt")
@@ -38,6 +39,7 @@ def main(argv=None) -> None:
     if not Path(args.checkpoint).is_file():
         hint = " (run `python train.py --dataset toy` first)" if args.checkpoint == str(TOY_CHECKPOINT) else ""
         raise SystemExit(f"checkpoint {args.checkpoint} not found{hint}")
+    engine.keep_freed_memory()
     device = dist.init_distributed()[3]
     evaluate_checkpoint(args.checkpoint, out=args.out, data_root=args.data_root, dataset=args.dataset,
                         split=args.split, tasks=args.tasks, ablation=args.ablation, ttpt=args.ttpt,

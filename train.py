@@ -281,6 +281,7 @@ def run_toy(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    engine.keep_freed_memory()
     if args.stage is None:
         if args.dataset != "toy":
             raise SystemExit("--stage is required for real datasets: prompt, then alltask")

@@ -12,8 +12,10 @@ pieces they have in common, each a plain function:
 - `save_checkpoint` / `load_checkpoint`: atomic writes; model, optimiser, iteration, config.
 - `load_clip`: an OpenAI CLIP (name or file) or the toy world's own tiny CLIP checkpoint.
 - `alltask_step`: one optimisation step of the all-task stage (also timed by `freeseg.bench step`).
+- `keep_freed_memory`: a malloc setting that makes CPU training faster.
 """
 
+import ctypes
 import json
 import math
 import os
@@ -106,6 +108,27 @@ def make_loader(dataset, cfg: Config, start_iter: int, collate_fn=None) -> torch
         dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
         collate_fn=collate_fn or as_list, persistent_workers=cfg.data.num_workers > 0,
     )
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for reuse instead of giving it back to the kernel.
+
+    On the CPU a training step allocates and frees thousands of tensors of tens to hundreds of KiB
+    through plain malloc. By default glibc serves blocks above its mmap threshold (128 KiB at
+    first) with fresh mappings and returns the top of the heap to the kernel whenever more than
+    128 KiB of it is free (M_TRIM_THRESHOLD), so the kernel maps and zero-fills the same memory
+    again and again. Raising both thresholds keeps it in the process; the price is that memory
+    once used is not returned until the process ends. On the toy world (2-core machine, README)
+    the CLIP stage ran 1.1x faster. Elsewhere than on Linux with glibc it does nothing. Returns
+    whether malloc took both settings.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    # 32 MiB: the largest threshold glibc accepts on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
+    return mallopt(m_mmap_threshold, 32 << 20) == 1 and mallopt(m_trim_threshold, 1 << 30) == 1
 
 
 def seed_everything(seed: int) -> None:

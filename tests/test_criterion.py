@@ -15,6 +15,7 @@ from freeseg.modeling.criterion import (
     build_criterion,
     dice_loss,
     sigmoid_focal_loss,
+    uncertain_points,
 )
 from freeseg.modeling.matcher import HungarianMatcher, pairwise_dice_cost, pairwise_focal_cost
 
@@ -189,3 +190,41 @@ def test_num_masks_is_averaged_over_ranks():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_dist_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
         assert [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)] == [2.5, 2.5]  # (1 + 4) / 2
+
+
+def test_uncertain_points_lie_on_the_outline_and_fresh_points_anywhere():
+    """Mask2Former's importance sampling: 75% of the points where |logit| is smallest among 3x
+    as many random candidates, the rest uniform."""
+    torch.manual_seed(0)
+    ys, xs = torch.meshgrid((torch.arange(32) + 0.5) / 32, (torch.arange(32) + 0.5) / 32, indexing="ij")
+    radius = ((xs - 0.5) ** 2 + (ys - 0.5) ** 2).sqrt()
+    logits = ((0.3 - radius) * 40)[None].repeat(2, 1, 1)  # a disc of radius 0.3, outline at logit 0
+    points = uncertain_points(logits, 400, oversample_ratio=3.0, importance_ratio=0.75)
+    assert points.shape == (2, 400, 2) and points.min() >= 0 and points.max() < 1
+    dist = ((points - 0.5) ** 2).sum(-1).sqrt()  # (2, 400) distance from the centre
+    near = (dist - 0.3).abs() < 0.05
+    # the outline band (|r - 0.3| < 0.05) covers about 19% of the square; of 1,200 candidates
+    # about 225 fall in it, and the 300 least sure are those plus the next nearest
+    assert near[:, :300].float().mean() > 0.6
+    assert near[:, 300:].float().mean() < 0.35  # fresh points: uniform
+    only_random = uncertain_points(logits, 400, oversample_ratio=3.0, importance_ratio=0.0)
+    assert ((((only_random - 0.5) ** 2).sum(-1).sqrt() - 0.3).abs() < 0.05).float().mean() < 0.35
+
+
+def test_point_losses_without_importance_estimate_the_full_mask_losses():
+    """With uniform points (importance 0) the point losses estimate the pixel means: with many
+    points they are close to the full-resolution losses (targets read between pixel centres are
+    soft only along their outlines), and gradients flow."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    mask_logits = (torch.randn(2, 3, 6, 6, generator=g) * 3).requires_grad_()
+    outputs = {"pred_logits": torch.randn(2, 3, 3, generator=g), "pred_masks": mask_logits}
+    boxes = torch.zeros(3, 24, 24, dtype=torch.bool)  # blobs: a target read between pixels is soft
+    boxes[0, 2:12, 3:20] = boxes[1, 10:22, 8:16] = boxes[2, 5:20, 1:10] = True
+    targets = [{"labels": torch.tensor([0, 1]), "masks": boxes[:2]}, {"labels": torch.tensor([1]), "masks": boxes[2:]}]
+    full = SetCriterion(HungarianMatcher())(outputs, targets)
+    sampled = SetCriterion(HungarianMatcher(), num_points=20000, importance_ratio=0.0)(outputs, targets)
+    assert sampled["loss_focal"].item() == pytest.approx(full["loss_focal"].item(), rel=0.03)
+    assert sampled["loss_dice"].item() == pytest.approx(full["loss_dice"].item(), rel=0.03)
+    sampled["loss_dice"].backward()
+    assert mask_logits.grad.abs().sum() > 0

@@ -6,7 +6,9 @@ pure function of (seed, i), whatever the number of processes and wherever a run 
 
 import json
 import math
+import platform
 import random
+import sys
 from itertools import islice
 
 import numpy as np
@@ -315,3 +317,12 @@ def test_logger_writes_json_lines_and_truncates_on_resume(tmp_path, capsys):
 def test_logger_truncate_without_a_file_is_a_no_op(tmp_path):
     engine.Logger(tmp_path, total_iters=5, start_iter=0).truncate_after(3)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"), reason="glibc only")
+def test_keep_freed_memory_is_taken_by_glibc_and_tensors_still_work():
+    assert engine.keep_freed_memory()  # mallopt accepted both thresholds
+    x = torch.randn(64, 1024)  # 256 KiB blocks, above glibc's default mmap threshold
+    for _ in range(3):
+        x = (x * 2).sigmoid()
+    assert torch.isfinite(x).all()

@@ -136,3 +136,40 @@ def test_more_targets_than_queries_and_bad_labels():
         HungarianMatcher()(out, [{"labels": torch.tensor([3]), "masks": torch.ones(1, 4, 4, dtype=torch.bool)}])
     with pytest.raises(ValueError, match="all three costs"):
         HungarianMatcher(cost_class=0, cost_focal=0, cost_dice=0)
+
+
+def test_points_on_pixel_centres_give_the_full_resolution_costs():
+    """Sampled costs (Mask2Former's way) are pixel means: at every target pixel centre, read from
+    the predictions' own grid, they equal the costs of the upsampled masks."""
+    H, W = 12, 8
+    out = {k: v.double() for k, v in _random_outputs(1, 5, 3, 3, 2, seed=1).items()}
+    target = _random_target(4, 3, H, W, seed=2)
+    ys, xs = torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W, indexing="ij")
+    centres = torch.stack([xs.flatten(), ys.flatten()], dim=1).double()  # (H * W, 2), (x, y)
+    centres = centres[torch.randperm(H * W, generator=torch.Generator().manual_seed(0))]
+    args = out["pred_logits"][0], out["pred_masks"][0], target["labels"], target["masks"]
+    full = HungarianMatcher().cost_matrix(*args)
+    sampled = HungarianMatcher(num_points=7).cost_matrix(*args, points=centres)
+    # (bilinear resampling computes its source positions in float32: agreement to ~1e-7)
+    torch.testing.assert_close(sampled, full, rtol=1e-6, atol=1e-9)
+    off_centre = HungarianMatcher().cost_matrix(*args, points=centres + 0.25 / H)
+    assert not torch.allclose(off_centre, full, rtol=1e-3)
+
+
+def test_sampled_matching_agrees_with_full_resolution_matching():
+    """With a few hundred random points the assignment is nearly always the full-resolution one;
+    with 0 points every pixel is used."""
+    torch.manual_seed(0)
+    agree = 0
+    for seed in range(20):
+        out = _random_outputs(1, 6, 4, 6, 6, seed=seed)
+        out["pred_masks"] = out["pred_masks"] * 3
+        target = _random_target(3, 4, 24, 24, seed=100 + seed)
+        # targets that some query resembles: blocks of the upsampled predictions, thresholded
+        target["masks"] = upsample_masks(out["pred_masks"][0, :3], (24, 24)) > 0
+        full = HungarianMatcher()(out, [target])[0]
+        sampled = HungarianMatcher(num_points=400)(out, [target])[0]
+        agree += all(torch.equal(a, b) for a, b in zip(full, sampled))
+    assert agree >= 18
+    with pytest.raises(ValueError, match="num_points"):
+        HungarianMatcher(num_points=-1)

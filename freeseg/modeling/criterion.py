@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from freeseg.config import LossConfig
-from freeseg.modeling.matcher import HungarianMatcher, at_least_float32, build_matcher, upsample_masks
+from freeseg.modeling.matcher import HungarianMatcher, at_least_float32, build_matcher, sample_points, upsample_masks
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
@@ -61,6 +61,26 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     numerator = 2 * (prob * targets).sum(-1)
     denominator = prob.sum(-1) + targets.sum(-1)
     return 1 - (numerator + 1) / (denominator + 1)
+
+
+@torch.no_grad()
+def uncertain_points(mask_logits: torch.Tensor, num_points: int, oversample_ratio: float,
+                     importance_ratio: float) -> torch.Tensor:
+    """Mask2Former's training points for each mask: mask_logits (M, h, w) -> (M, P, 2), (x, y) in
+    [0, 1).
+
+    `oversample_ratio * P` random points are drawn and the `importance_ratio * P` of them where the
+    prediction is least sure (logit nearest 0) are kept; the rest of the P are fresh random points.
+    So the loss looks mostly at the current outline, and a little everywhere else.
+    """
+    M = mask_logits.shape[0]
+    candidates = torch.rand(M, int(num_points * oversample_ratio), 2, device=mask_logits.device)
+    uncertainty = -sample_points(mask_logits, candidates).abs()  # (M, P * ratio)
+    num_uncertain = int(importance_ratio * num_points)
+    chosen = uncertainty.topk(num_uncertain, dim=1).indices  # (M, num_uncertain)
+    uncertain = candidates.gather(1, chosen[..., None].expand(-1, -1, 2))
+    fresh = torch.rand(M, num_points - num_uncertain, 2, device=mask_logits.device)
+    return torch.cat([uncertain, fresh], dim=1)
 
 
 def rank_average(value: torch.Tensor) -> torch.Tensor:
@@ -103,8 +123,12 @@ class SetCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         deep_supervision: bool = True,
+        num_points: int = 0,
+        oversample_ratio: float = 3.0,
+        importance_ratio: float = 0.75,
     ):
         super().__init__()
+        self.num_points, self.oversample_ratio, self.importance_ratio = num_points, oversample_ratio, importance_ratio
         self.matcher = matcher
         self.no_object_weight = no_object_weight
         self.focal_alpha = focal_alpha
@@ -136,15 +160,20 @@ class SetCriterion(nn.Module):
 
         Each image's matched predictions are upsampled to its own target size, so targets of
         different sizes are handled (they must be aligned with the input: see batch_targets).
+        With `num_points` > 0 both are read at the points of `uncertain_points` instead.
         """
         focal, dice = [], []
         for b, (pred_idx, tgt_idx) in enumerate(indices):
             tgt = targets[b]["masks"]
             pred = at_least_float32(mask_logits[b, pred_idx.to(mask_logits.device)])  # (M, h, w)
-            pred = upsample_masks(pred, tgt.shape[-2:])  # (M, H, W)
             tgt = tgt[tgt_idx.to(tgt.device)].to(pred)  # (M, H, W)
-            focal.append(sigmoid_focal_loss(pred.flatten(1), tgt.flatten(1), self.focal_alpha, self.focal_gamma))
-            dice.append(dice_loss(pred.flatten(1), tgt.flatten(1)))
+            if self.num_points:
+                points = uncertain_points(pred, self.num_points, self.oversample_ratio, self.importance_ratio)
+                pred, tgt = sample_points(pred, points), sample_points(tgt, points)  # (M, P)
+            else:
+                pred, tgt = upsample_masks(pred, tgt.shape[-2:]).flatten(1), tgt.flatten(1)  # (M, H * W)
+            focal.append(sigmoid_focal_loss(pred, tgt, self.focal_alpha, self.focal_gamma))
+            dice.append(dice_loss(pred, tgt))
         # With no target at all the sums are 0 but stay connected to pred_masks (for DDP).
         return torch.cat(focal).sum() / num_masks, torch.cat(dice).sum() / num_masks
 
@@ -180,4 +209,7 @@ def build_criterion(cfg: LossConfig) -> SetCriterion:
         focal_alpha=cfg.focal_alpha,
         focal_gamma=cfg.focal_gamma,
         deep_supervision=cfg.deep_supervision,
+        num_points=cfg.train_points,
+        oversample_ratio=cfg.oversample_ratio,
+        importance_ratio=cfg.importance_ratio,
     )
