@@ -145,11 +145,12 @@ def alltask_targets(samples: list[dict], task: str, remap: torch.Tensor, padded_
     """The drawn task's targets of a batch, labels as seen-class indices. The model pads its
     input to `padded_size` (FreeSeg.padded_size) and predicts masks over that whole area, so the
     target masks are padded alike with background, as Mask2Former pads them to the batch tensor;
-    unpadded, a mask upsampled to the target size would be stretched out of place."""
+    unpadded, a mask upsampled to the target size would be stretched out of place. Each target
+    keeps its sample's augmentation seed, from which the losses draw their sampling points."""
     from freeseg.modeling.targets import batch_targets
 
-    return [{"labels": remap[t["labels"]].to(device), "masks": t["masks"].to(device)}
-            for t in batch_targets(samples, task, pad_to=padded_size)]
+    return [{"labels": remap[t["labels"]].to(device), "masks": t["masks"].to(device), "seed": s.get("seed")}
+            for s, t in zip(samples, batch_targets(samples, task, pad_to=padded_size))]
 
 
 def target_task(task: str, semantic_targets: str) -> str:

@@ -78,7 +78,11 @@ class IterationSampler(torch.utils.data.Sampler):
 
 
 class SeededDataset(torch.utils.data.Dataset):
-    """Items are `transform(base[index], rng)` with `rng` seeded by the sampler's augmentation seed."""
+    """Items are `transform(base[index], rng)` with `rng` seeded by the sampler's augmentation seed.
+
+    Dict items also carry that seed as "seed": the all-task losses draw their sampling points
+    from it (matcher.point_generator), so they too depend on the sample alone.
+    """
 
     def __init__(self, base, transform=None):
         self.base, self.transform = base, transform
@@ -91,6 +95,8 @@ class SeededDataset(torch.utils.data.Dataset):
         sample = self.base[index]
         if self.transform is not None:
             sample = self.transform(sample, np.random.default_rng(seed))
+        if isinstance(sample, dict):
+            sample = {**sample, "seed": seed}
         return sample
 
 
@@ -117,8 +123,8 @@ def keep_freed_memory() -> bool:
     through plain malloc. By default glibc serves blocks above its mmap threshold (128 KiB at
     first) with fresh mappings and returns the top of the heap to the kernel whenever more than
     128 KiB of it is free (M_TRIM_THRESHOLD), so the kernel maps and zero-fills the same memory
-    again and again. Raising both thresholds keeps it in the process; the price is that memory
-    once used is not returned until the process ends. On the toy world (2-core machine, README)
+    again and again. Raising both thresholds (to 32 MiB and 1 GiB) keeps it in the process; the
+    price is that up to 1 GiB of freed memory stays with each process. On the toy world (2-core machine, README)
     the CLIP stage ran 1.1x faster. Elsewhere than on Linux with glibc it does nothing. Returns
     whether malloc took both settings.
     """

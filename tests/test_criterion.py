@@ -228,3 +228,27 @@ def test_point_losses_without_importance_estimate_the_full_mask_losses():
     assert sampled["loss_dice"].item() == pytest.approx(full["loss_dice"].item(), rel=0.03)
     sampled["loss_dice"].backward()
     assert mask_logits.grad.abs().sum() > 0
+
+
+def test_point_losses_depend_on_each_images_seed_not_on_the_global_generator():
+    """An image's points come from its target's "seed", so a loss does not change with the global
+    RNG state or with the other images of the batch (process counts and resumes agree)."""
+    g = torch.Generator().manual_seed(3)
+    outputs = {"pred_logits": torch.randn(2, 3, 3, generator=g), "pred_masks": torch.randn(2, 3, 6, 6, generator=g) * 3}
+    boxes = torch.zeros(2, 24, 24, dtype=torch.bool)
+    boxes[0, 2:12, 3:20] = boxes[1, 10:22, 8:16] = True
+    targets = [{"labels": torch.tensor([0]), "masks": boxes[:1], "seed": 11},
+               {"labels": torch.tensor([1]), "masks": boxes[1:], "seed": 12}]
+    crit = SetCriterion(HungarianMatcher(num_points=50), num_points=40, deep_supervision=False)
+    torch.manual_seed(0)
+    whole = crit(outputs, targets)
+    torch.manual_seed(1)
+    assert crit(outputs, targets)["loss_focal"].item() == whole["loss_focal"].item()
+    # each image alone (one per "process"): the per-image sums add up to the batch's
+    halves = [crit({k: v[b:b + 1] for k, v in outputs.items()}, targets[b:b + 1]) for b in range(2)]
+    assert sum(h["loss_focal"].item() for h in halves) / 2 == pytest.approx(whole["loss_focal"].item(), rel=1e-6)
+    unseeded = [{k: v for k, v in t.items() if k != "seed"} for t in targets]
+    torch.manual_seed(0)
+    first = crit(outputs, unseeded)["loss_focal"].item()
+    torch.manual_seed(1)
+    assert crit(outputs, unseeded)["loss_focal"].item() != first  # without seeds: the global generator

@@ -109,6 +109,13 @@ def test_make_loader_yields_the_same_augmented_samples_after_a_resume():
     assert len({draw for b in full for _, draw in b}) == 32  # a fresh augmentation for every draw
 
 
+def test_seeded_dataset_dict_items_carry_their_augmentation_seed():
+    data = engine.SeededDataset(_Numbers(), lambda sample, rng: {"value": sample, "draw": int(rng.integers(1 << 30))})
+    item = data[(3, 1234)]
+    assert item["seed"] == 1234 and item["draw"] == int(np.random.default_rng(1234).integers(1 << 30))
+    assert engine.SeededDataset(_Numbers())[(3, 1234)] == _Numbers()[3]  # other items are left alone
+
+
 # ---------------------------------------------------------------- learning-rate schedules
 
 

@@ -27,7 +27,9 @@ Facts from the official code (bytedance/FreeSeg):
 Differences: the number of classes is read from pred_logits on every call (the class list of an
 open-vocabulary model changes between datasets and tasks) instead of being fixed at
 construction; the official focal key "loss_mask" is called "loss_focal"; the official code hard-
-codes the loss_ce weight to 1 whereas `class_weight` is honoured here.
+codes the loss_ce weight to 1 whereas `class_weight` is honoured here. `num_points` > 0 takes
+Mask2Former's point-sampled mask losses instead (`uncertain_points`; off in every paper preset),
+with each image's points drawn from its own seed (matcher.point_generator).
 """
 
 import torch
@@ -35,7 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from freeseg.config import LossConfig
-from freeseg.modeling.matcher import HungarianMatcher, at_least_float32, build_matcher, sample_points, upsample_masks
+from freeseg.modeling.matcher import (
+    HungarianMatcher,
+    at_least_float32,
+    build_matcher,
+    point_generator,
+    sample_points,
+    upsample_masks,
+)
 
 
 def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
@@ -65,7 +74,7 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def uncertain_points(mask_logits: torch.Tensor, num_points: int, oversample_ratio: float,
-                     importance_ratio: float) -> torch.Tensor:
+                     importance_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mask2Former's training points for each mask: mask_logits (M, h, w) -> (M, P, 2), (x, y) in
     [0, 1).
 
@@ -74,12 +83,12 @@ def uncertain_points(mask_logits: torch.Tensor, num_points: int, oversample_rati
     So the loss looks mostly at the current outline, and a little everywhere else.
     """
     M = mask_logits.shape[0]
-    candidates = torch.rand(M, int(num_points * oversample_ratio), 2, device=mask_logits.device)
+    candidates = torch.rand(M, int(num_points * oversample_ratio), 2, device=mask_logits.device, generator=generator)
     uncertainty = -sample_points(mask_logits, candidates).abs()  # (M, P * ratio)
     num_uncertain = int(importance_ratio * num_points)
     chosen = uncertainty.topk(num_uncertain, dim=1).indices  # (M, num_uncertain)
     uncertain = candidates.gather(1, chosen[..., None].expand(-1, -1, 2))
-    fresh = torch.rand(M, num_points - num_uncertain, 2, device=mask_logits.device)
+    fresh = torch.rand(M, num_points - num_uncertain, 2, device=mask_logits.device, generator=generator)
     return torch.cat([uncertain, fresh], dim=1)
 
 
@@ -168,7 +177,8 @@ class SetCriterion(nn.Module):
             pred = at_least_float32(mask_logits[b, pred_idx.to(mask_logits.device)])  # (M, h, w)
             tgt = tgt[tgt_idx.to(tgt.device)].to(pred)  # (M, H, W)
             if self.num_points:
-                points = uncertain_points(pred, self.num_points, self.oversample_ratio, self.importance_ratio)
+                generator = point_generator(targets[b], pred.device)
+                points = uncertain_points(pred, self.num_points, self.oversample_ratio, self.importance_ratio, generator)
                 pred, tgt = sample_points(pred, points), sample_points(tgt, points)  # (M, P)
             else:
                 pred, tgt = upsample_masks(pred, tgt.shape[-2:]).flatten(1), tgt.flatten(1)  # (M, H * W)

@@ -62,6 +62,15 @@ def upsample_masks(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Te
     return flat.reshape(*lead, *size)
 
 
+def point_generator(target: dict, device: torch.device) -> torch.Generator | None:
+    """The random generator of an image's sampling points: seeded by the target's "seed" (its
+    sample's augmentation seed, engine.SeededDataset), so the points depend on the image alone,
+    not on how many processes share the batch or on a resume; None (PyTorch's global generator)
+    when the target has no seed."""
+    seed = target.get("seed")
+    return None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+
+
 def sample_points(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Bilinear reads of maps (M, H, W) at points (x, y) in [0, 1] of the map's width and height:
     points (P, 2), shared by all maps, or (M, P, 2), one set per map -> (M, P).
@@ -117,7 +126,8 @@ class HungarianMatcher(nn.Module):
 
     outputs: {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, h, w) logits}; K is read from
     the logits, so the class list may change from call to call (open vocabulary).
-    targets: list of B dicts {"labels": int64 (N,), "masks": (N, H, W) bool or {0, 1}}.
+    targets: list of B dicts {"labels": int64 (N,), "masks": (N, H, W) bool or {0, 1}, and
+    optionally "seed", from which the image's sampling points are drawn (`point_generator`)}.
     Returns a list of B pairs (pred_idx, tgt_idx), int64 tensors of length min(Q, N), sorted by
     pred_idx: prediction pred_idx[i] is matched to target tgt_idx[i].
     """
@@ -146,11 +156,12 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def cost_matrix(
         self, logits: torch.Tensor, mask_logits: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-        points: torch.Tensor | None = None,
+        points: torch.Tensor | None = None, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Matching cost of one image: logits (Q, K+1), mask_logits (Q, h, w), labels (N,),
         masks (N, H, W) -> (Q, N). The mask costs are taken at `points` (P, 2), (x, y) in [0, 1],
-        if given, else at `num_points` random points, else at every target pixel."""
+        if given, else at `num_points` random points (drawn by `generator`), else at every target
+        pixel."""
         num_classes = logits.shape[-1] - 1
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(
@@ -160,7 +171,7 @@ class HungarianMatcher(nn.Module):
         prob = at_least_float32(logits).softmax(-1)  # (Q, K+1)
         cost_class = -prob[:, labels]  # (Q, N)
         if points is None and self.num_points:
-            points = torch.rand(self.num_points, 2, device=mask_logits.device)  # (x, y) in [0, 1)
+            points = torch.rand(self.num_points, 2, device=mask_logits.device, generator=generator)  # (x, y)
         if points is not None:
             pred = sample_points(at_least_float32(mask_logits), points)  # (Q, S), S = num_points
             tgt = sample_points(masks.to(pred.dtype), points)  # (N, S)
@@ -186,7 +197,8 @@ class HungarianMatcher(nn.Module):
                 empty = torch.zeros(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(logits[b], mask_logits[b], labels, masks).cpu()
+            generator = point_generator(target, mask_logits.device) if self.num_points else None
+            cost = self.cost_matrix(logits[b], mask_logits[b], labels, masks, generator=generator).cpu()
             if not torch.isfinite(cost).all():
                 raise ValueError("HungarianMatcher: the cost matrix holds NaN/inf (check pred_logits / pred_masks)")
             pred_idx, tgt_idx = linear_sum_assignment(cost.numpy())  # pred_idx comes sorted
