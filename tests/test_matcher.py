@@ -11,6 +11,7 @@ from freeseg.modeling.matcher import (
     HungarianMatcher,
     build_matcher,
     pairwise_dice_cost,
+    point_generator,
     pairwise_focal_cost,
     upsample_masks,
 )
@@ -173,3 +174,11 @@ def test_sampled_matching_agrees_with_full_resolution_matching():
     assert agree >= 18
     with pytest.raises(ValueError, match="num_points"):
         HungarianMatcher(num_points=-1)
+
+
+def test_point_generator_is_a_function_of_the_seed_and_stream():
+    draw = lambda target, stream=0: torch.rand(5, generator=point_generator(target, torch.device("cpu"), stream))
+    assert torch.equal(draw({"seed": 7}), draw({"seed": 7}))
+    assert not torch.equal(draw({"seed": 7}), draw({"seed": 8}))
+    assert not torch.equal(draw({"seed": 7}, 0), draw({"seed": 7}, 1))  # each decoder layer its own points
+    assert point_generator({}, torch.device("cpu")) is None  # no seed: PyTorch's global generator

@@ -163,13 +163,14 @@ class SetCriterion(nn.Module):
         return total / rank_average(weight[target_classes].sum().detach())
 
     def loss_masks(
-        self, mask_logits: torch.Tensor, targets: list[dict], indices: list, num_masks: float
+        self, mask_logits: torch.Tensor, targets: list[dict], indices: list, num_masks: float, stream: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Focal and dice losses of the matched masks; mask_logits (B, Q, h, w).
 
         Each image's matched predictions are upsampled to its own target size, so targets of
         different sizes are handled (they must be aligned with the input: see batch_targets).
-        With `num_points` > 0 both are read at the points of `uncertain_points` instead.
+        With `num_points` > 0 both are read at the points of `uncertain_points` instead, drawn
+        from the image's seed and `stream` (matcher.point_generator).
         """
         focal, dice = [], []
         for b, (pred_idx, tgt_idx) in enumerate(indices):
@@ -177,7 +178,7 @@ class SetCriterion(nn.Module):
             pred = at_least_float32(mask_logits[b, pred_idx.to(mask_logits.device)])  # (M, h, w)
             tgt = tgt[tgt_idx.to(tgt.device)].to(pred)  # (M, H, W)
             if self.num_points:
-                generator = point_generator(targets[b], pred.device)
+                generator = point_generator(targets[b], pred.device, stream)
                 points = uncertain_points(pred, self.num_points, self.oversample_ratio, self.importance_ratio, generator)
                 pred, tgt = sample_points(pred, points), sample_points(tgt, points)  # (M, P)
             else:
@@ -187,10 +188,10 @@ class SetCriterion(nn.Module):
         # With no target at all the sums are 0 but stay connected to pred_masks (for DDP).
         return torch.cat(focal).sum() / num_masks, torch.cat(dice).sum() / num_masks
 
-    def single_output_losses(self, outputs: dict, targets: list[dict], num_masks: float) -> dict:
+    def single_output_losses(self, outputs: dict, targets: list[dict], num_masks: float, stream: int = 0) -> dict:
         """Match one set of predictions to the targets and compute its three losses."""
         indices = self.matcher(outputs, targets)
-        loss_focal, loss_dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks)
+        loss_focal, loss_dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks, stream)
         return {
             "loss_ce": self.loss_labels(outputs["pred_logits"], targets, indices),
             "loss_focal": loss_focal,
@@ -203,7 +204,7 @@ class SetCriterion(nn.Module):
         if not self.deep_supervision:
             return losses
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            for key, value in self.single_output_losses(aux, targets, num_masks).items():
+            for key, value in self.single_output_losses(aux, targets, num_masks, stream=i + 1).items():
                 losses[f"{key}_{i}"] = value
                 self.weight_dict.setdefault(f"{key}_{i}", self.base_weights[key])
         return losses

@@ -35,6 +35,7 @@ That is an unbiased sample of the same pixel means (with the points on pixel cen
 same sum), so the assignment is the full-resolution one up to sampling noise.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -62,13 +63,18 @@ def upsample_masks(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Te
     return flat.reshape(*lead, *size)
 
 
-def point_generator(target: dict, device: torch.device) -> torch.Generator | None:
+def point_generator(target: dict, device: torch.device, stream: int = 0) -> torch.Generator | None:
     """The random generator of an image's sampling points: seeded by the target's "seed" (its
-    sample's augmentation seed, engine.SeededDataset), so the points depend on the image alone,
-    not on how many processes share the batch or on a resume; None (PyTorch's global generator)
-    when the target has no seed."""
+    sample's augmentation seed, engine.SeededDataset) and `stream` (the criterion passes the
+    index of the decoder output, so each layer gets its own points, as Mask2Former draws afresh
+    at every call), so the points depend on the image alone, not on how many processes share
+    the batch or on a resume; None (PyTorch's global generator) when the target has no seed."""
     seed = target.get("seed")
-    return None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
+    if seed is None:
+        return None
+    # PyTorch's CPU generator keeps 32 bits of its seed: hash all of (seed, stream) into them.
+    mixed = int(np.random.SeedSequence([int(seed), stream]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(mixed)
 
 
 def sample_points(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
