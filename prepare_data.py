@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from freeseg.config import get_preset
+from freeseg.presets import get_preset
 from freeseg.data.io import DataError
 
 

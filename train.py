@@ -10,7 +10,7 @@ Each stage is one plain loop below: draw a batch, forward, loss, backward, clip,
 log, checkpoint. The data order is a pure function of (seed, iteration) (`engine.IterationSampler`),
 so a resumed run and an uninterrupted one see the same batches, and N processes with batch b
 see the same images as one process with batch N*b. Paper: FreeSeg section 3 (stages),
-section 4.1 (settings); defaults in `freeseg/config.py`.
+section 4.1 (settings); defaults in `freeseg/config.py`, presets in `freeseg/presets.py`.
 """
 
 import argparse
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from freeseg import config as C
 from freeseg import distributed as dist
 from freeseg import engine
+from freeseg import presets
 from freeseg.modeling.targets import TASKS
 from freeseg.toy_pretraining import train_backbone, train_clip
 
@@ -52,7 +53,7 @@ def data_root(arg: str | None) -> Path:
 
 
 def resolve_config(args, stage: str) -> C.Config:
-    cfg = C.get_preset(args.preset or C.preset_for(args.dataset, stage))
+    cfg = presets.get_preset(args.preset or presets.preset_for(args.dataset, stage))
     overrides = []
     for item in args.overrides:
         prefix, sep, rest = item.partition(":")

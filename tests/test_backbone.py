@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from freeseg.config import get_preset
+from freeseg.presets import get_preset
 from freeseg.modeling.backbone import FrozenBatchNorm2d, ResNet, build_backbone, load_detectron2_resnet, load_torchvision_resnet
 
 torch.set_num_threads(1)

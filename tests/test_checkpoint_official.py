@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from freeseg.clip import CLIP, CLIP_MEAN, CLIP_STD, default_tokenizer
-from freeseg.config import get_preset
+from freeseg.presets import get_preset
 from freeseg.modeling.checkpoint_official import (SKIPPED, convert_official_checkpoint, convert_official_state_dict,
                                                   main, official_to_ours, read_official_checkpoint)
 from freeseg.modeling.freeseg import build_freeseg

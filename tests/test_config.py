@@ -5,26 +5,27 @@ import dataclasses
 import pytest
 
 from freeseg import config as C
+from freeseg import presets as P
 
 
-@pytest.mark.parametrize("name", sorted(C.PRESETS))
+@pytest.mark.parametrize("name", sorted(P.PRESETS))
 def test_presets_build_and_round_trip(name):
-    cfg = C.get_preset(name)
+    cfg = P.get_preset(name)
     assert C.from_dict(C.to_dict(cfg)) == cfg
 
 
 def test_official_numbers_in_default_preset():
-    cfg = C.get_preset("coco")
+    cfg = P.get_preset("coco")
     # shared/DESIGN.md section 2 (official COCO R101c config)
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_mult) == (1.5e-4, 1.5e-4, 0.1)
     assert (cfg.loss.no_object_weight, cfg.loss.focal_weight, cfg.loss.dice_weight) == (0.1, 20.0, 5.0)
     assert cfg.model.decoder.num_queries == 100 and cfg.model.backbone.stem == "deeplab"
-    prompt = C.get_preset("coco_prompt").train
+    prompt = P.get_preset("coco_prompt").train
     assert (prompt.optimizer, prompt.lr, prompt.weight_decay, prompt.warmup_iters) == ("sgd", 0.02, 0.001, 100)
 
 
 def test_overrides_are_typed():
-    cfg = C.get_preset("toy")
+    cfg = P.get_preset("toy")
     C.apply_overrides(cfg, [
         "model.decoder.num_queries=50", "train.lr=1e-4", "train.amp=false",
         "model.backbone.res5_multi_grid=1,2,4", "data.dataset=coco",
@@ -44,7 +45,7 @@ def test_overrides_are_typed():
     ("train.lr", ValueError, "key=value"),
 ])
 def test_bad_overrides_raise_clear_errors(bad, error, words):
-    cfg = C.get_preset("toy")
+    cfg = P.get_preset("toy")
     before = dataclasses.asdict(cfg)
     with pytest.raises(error, match=words):
         C.apply_overrides(cfg, [bad])
@@ -53,4 +54,4 @@ def test_bad_overrides_raise_clear_errors(bad, error, words):
 
 def test_unknown_preset():
     with pytest.raises(KeyError, match="known presets"):
-        C.get_preset("cityscapes")
+        P.get_preset("cityscapes")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from freeseg.clip import CLIP, default_tokenizer
-from freeseg.config import get_preset
+from freeseg.presets import get_preset
 from freeseg.modeling.criterion import build_criterion
 from freeseg.modeling.freeseg import FreeSeg, build_freeseg
 from freeseg.modeling.targets import TASKS, task_targets

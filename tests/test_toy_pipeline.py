@@ -31,7 +31,7 @@ def toy_run(tmp_path_factory):
     return root / "run"
 
 
-# A fraction of the default toy recipe (freeseg/config.py); every stage still runs.
+# A fraction of the default toy recipe (freeseg/presets.py); every stage still runs.
 SMALL = ["clip:train.iterations=500", "backbone:train.iterations=200", "prompt:train.iterations=100",
          "alltask:train.iterations=300",
          "train.checkpoint_every=10000", "train.log_every=100"]

@@ -248,7 +248,7 @@ def test_checkpoint_of_another_model_size_is_a_clear_error(alltask_runs, tmp_pat
 
 
 def test_backbone_stage_writes_weights_the_alltask_stage_loads(tmp_path):
-    from freeseg.config import get_preset
+    from freeseg.presets import get_preset
     from freeseg.modeling.backbone import build_backbone
 
     _train(["--dataset", "toy", "--stage", "backbone", "--output-dir", "bb", "--set", "train.iterations=2",
@@ -305,7 +305,7 @@ def test_semantic_iterations_learn_from_segments_when_asked():
     """TrainConfig.semantic_targets: "classes" (official) gives two same-class things one mask in
     a semantic iteration, "segments" (the toy preset) one mask each, as the panoptic task does."""
     import train
-    from freeseg.config import get_preset
+    from freeseg.presets import get_preset
 
     masks = torch.zeros(3, 32, 32, dtype=torch.bool)
     masks[0, 2:10, 2:10] = masks[1, 20:30, 20:30] = True  # two things of class 3

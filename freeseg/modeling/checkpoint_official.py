@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from freeseg.clip import CLIP_MEAN, CLIP_STD
-from freeseg.config import Config, get_preset, to_dict
+from freeseg.config import Config, to_dict
+from freeseg.presets import get_preset
 from freeseg.modeling.backbone import detectron2_to_torchvision_name
 
 OFFICIAL_RENAMES: list[tuple[str, str]] = [

@@ -148,7 +148,7 @@ def full_size_model(seed: int = 0, device: str = "cpu") -> tuple:
     """The COCO preset's model with random weights and a CLIP of OpenAI ViT-B/16's shape (what
     `build_model` infers from the released weights), for benchmarks. -> (cfg, model)."""
     from freeseg.clip import CLIP, default_tokenizer
-    from freeseg.config import get_preset
+    from freeseg.presets import get_preset
     from freeseg.modeling.freeseg import build_freeseg
 
     torch.manual_seed(seed)
