@@ -67,6 +67,7 @@ class PixelDecoderConfig:
     # layers hard-code 0.0).
     dropout: float = 0.1
     num_groups: int = 32  # GroupNorm groups in the FPN convs
+    fine_dim: int = 0  # > 0: mask features at stride 2, from a trainable path over the image (toy)
 
 
 @dataclass
@@ -190,6 +191,9 @@ class InferenceConfig:
     # 42.7 (ensemble) and from 10.7 to 20.9 (mask classifier only), threshold 0.5 (README).
     panoptic_keep_by: str = "object"
     instance_topk: int = 100
+    # > 0: every unclaimed region covering at least this fraction of the image becomes a proposal
+    # named by CLIP alone (inference.unclaimed_regions; not in FreeSeg, toy preset only).
+    unclaimed_min_area: float = 0.0
     ttpt: TTPTConfig = field(default_factory=TTPTConfig)
 
 

@@ -57,10 +57,10 @@ def test_output_contract_and_frozen_parts():
     with torch.no_grad():
         out = model(images, NAMES, "panoptic")
     assert out["pred_logits"].shape == (2, 8, 5)
-    assert out["pred_masks"].shape == (2, 8, 16, 16)
+    assert out["pred_masks"].shape == (2, 8, 32, 32)  # stride 2: the toy preset's pixel_decoder.fine_dim
     assert len(out["aux_outputs"]) == 3
     for aux in out["aux_outputs"]:
-        assert aux["pred_logits"].shape == (2, 8, 5) and aux["pred_masks"].shape == (2, 8, 16, 16)
+        assert aux["pred_logits"].shape == (2, 8, 5) and aux["pred_masks"].shape == (2, 8, 32, 32)
     # Logits are 100 x cosine similarities with [text; no object].
     assert out["pred_logits"].abs().max() <= 100 + 1e-3
     text = model.text_features(NAMES, "panoptic")
@@ -159,3 +159,53 @@ def test_predict_all_tasks():
     assert resized["panoptic"][0].shape == (100, 120)
     with pytest.raises(ValueError, match="must be"):
         predict(model, image, NAMES, unseen[:3], IS_THING)
+
+
+def test_unclaimed_regions_by_hand():
+    from freeseg.modeling.inference import unclaimed_regions
+
+    masks = torch.zeros(3, 10, 10)
+    masks[0, :, :4] = 0.9  # claims the 4 left columns
+    masks[1, :, 4:] = 0.9  # an object-less query: claims nothing
+    masks[2, 0:2, 4:10] = 0.6  # claims rows 0-1 right of column 4 (0.6 * 0.9 >= 0.5)
+    masks[2, 9, 9] = 0.2
+    objectness = torch.tensor([1.0, 0.3, 0.9])
+    # Unclaimed: rows 2-9, columns 4-9 (48 pixels) -> one region.
+    regions = unclaimed_regions(masks, objectness, min_area=0.1)
+    assert regions.shape == (1, 10, 10)
+    expected = torch.zeros(10, 10)
+    expected[2:, 4:] = 1
+    assert torch.equal(regions[0], expected)
+    assert unclaimed_regions(masks, objectness, min_area=0.5).shape == (0, 10, 10)  # 48% < 50%
+    # Split in two by a claimed column: two regions, in raster order of their first pixel.
+    masks[0, 2:, 6] = 0.9
+    regions = unclaimed_regions(masks, objectness, min_area=0.01)
+    assert regions.shape == (2, 10, 10) and regions.sum().item() == 48 - 8
+    assert regions[0, 2:, 4:6].sum() == 16 and regions[1, 2:, 7:].sum() == 24
+    assert unclaimed_regions(masks, objectness, min_area=0.2).shape == (1, 10, 10)  # only the 24-pixel one
+    assert unclaimed_regions(masks[:0], objectness[:0], 0.5).shape == (1, 10, 10)  # no query: all unclaimed
+
+
+def test_predict_adds_unclaimed_regions_named_by_clip():
+    from freeseg.config import InferenceConfig
+    from freeseg.modeling.inference import clip_probabilities, mask_probabilities, predict, unclaimed_regions
+
+    model = tiny_model().eval()
+    images, _ = synthetic_batch()
+    image = images[0].to(torch.uint8)
+    unseen = torch.tensor([False, True, False, True])
+    cfg = InferenceConfig(mask_align_corners=False)
+    plain = predict(model, image, NAMES, unseen, IS_THING, ("semantic",), cfg)["semantic"]
+    cfg.unclaimed_min_area = 0.01
+    extra = predict(model, image, NAMES, unseen, IS_THING, ("semantic",), cfg)["semantic"]
+    with torch.no_grad():
+        text = model.text_features(NAMES, "semantic")
+        raw = model(image[None].float(), NAMES, "semantic", text_features=text)
+        masks = mask_probabilities(model, raw["pred_masks"][0], (64, 64), False)
+        objectness = 1 - raw["pred_logits"][0].softmax(-1)[:, -1]
+        regions = unclaimed_regions(masks, objectness, 0.01)
+        assert len(regions) > 0  # the random model leaves some of the image unclaimed
+        p_clip = clip_probabilities(model, image.float(), regions, text, cfg)  # (n, K)
+    # Each region adds its CLIP distribution on its own pixels and nothing elsewhere.
+    torch.testing.assert_close(extra - plain, torch.einsum("nk,nhw->khw", p_clip, regions), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p_clip.sum(-1), torch.ones(len(regions)))

@@ -15,7 +15,9 @@ query whose binarised mask overlaps it most (its "best proposal") and records
   - whether the geometric ensemble of the two (paper eq. 6) names it,
 and prints the means per group (thing / stuff x seen / unseen). Class names are read with the
 evaluation's task prompt (`--task`, default panoptic); masks are binarised at the inference
-threshold and crops cut as at inference (`inference.mask_expand_ratio`).
+threshold and crops cut as at inference (`inference.mask_expand_ratio`). With
+`inference.unclaimed_min_area` (toy preset) the unclaimed regions are proposals too, as at
+inference: CLIP alone names them, so the mask classifier never does.
 """
 
 import argparse
@@ -35,7 +37,7 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
     "best_iou", "mask_cls", "clip", "clip_gt", "ensemble"} (the last four: bool, class named right)."""
     from freeseg.data.datasets import SegmentationDataset, load_meta
     from freeseg.data.transforms import TestResize
-    from freeseg.modeling.inference import clip_probabilities, mask_probabilities
+    from freeseg.modeling.inference import clip_probabilities, mask_probabilities, unclaimed_regions
     from freeseg.modeling.region_classifier import geometric_ensemble
 
     cats = load_meta(prep)["categories"]
@@ -52,9 +54,13 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
         H, W = image.shape[-2:]
         out = model.decode(model.extract(image[None]), text)
         probs = mask_probabilities(model, out["pred_masks"][0], (H, W), icfg.mask_align_corners)  # (Q, H, W)
-        p_mask = out["pred_logits"][0].softmax(-1)[:, :-1]  # (Q, K)
-        p_clip = clip_probabilities(model, image, probs, text, icfg)
-        p_ens = geometric_ensemble(p_mask, p_clip, unseen, icfg.clip_weight_seen, icfg.clip_weight_unseen)
+        probs_all = out["pred_logits"][0].softmax(-1)  # (Q, K + 1)
+        p_mask, Q = probs_all[:, :-1], len(probs)  # (Q, K)
+        if icfg.unclaimed_min_area > 0:
+            probs = torch.cat([probs, unclaimed_regions(probs, 1 - probs_all[:, -1], icfg.unclaimed_min_area)])
+        p_clip = clip_probabilities(model, image, probs, text, icfg)  # (Q + n, K)
+        p_ens = torch.cat([geometric_ensemble(p_mask, p_clip[:Q], unseen, icfg.clip_weight_seen,
+                                              icfg.clip_weight_unseen), p_clip[Q:]])
         binary = probs > icfg.mask_threshold
         gt = torch.as_tensor(sample["masks"])
         if gt.numel() and tuple(gt.shape[-2:]) != (H, W):
@@ -68,7 +74,7 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
             q = int(iou.argmax())
             rows.append({"category_id": label, "isthing": bool(cats[label]["isthing"]), "seen": bool(cats[label]["seen"]),
                          "area": int(gt[n].sum()), "twin": labels.count(label) > 1, "best_iou": float(iou[q]),
-                         "mask_cls": int(p_mask[q].argmax()) == label, "clip": int(p_clip[q].argmax()) == label,
+                         "mask_cls": q < Q and int(p_mask[q].argmax()) == label, "clip": int(p_clip[q].argmax()) == label,
                          "clip_gt": int(p_gt[n].argmax()) == label, "ensemble": int(p_ens[q].argmax()) == label})
     return rows
 

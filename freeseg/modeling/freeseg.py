@@ -58,7 +58,8 @@ class FreeSeg(nn.Module):
 
     Output of `decode` / `forward` (the same in train and eval):
         {"pred_logits": (B, Q, K + 1) scaled cosine similarities, last column = no object,
-         "pred_masks": (B, Q, H/4, W/4) mask logits,
+         "pred_masks": (B, Q, H/4, W/4) mask logits (H/2, W/2 with the toy preset's
+                       `pixel_decoder.fine_dim`),
          "pred_embeds": (B, Q, E) raw query embeddings,
          "aux_outputs": [{"pred_logits", "pred_masks", "pred_embeds"}, ...] earlier layers}
     """
@@ -110,7 +111,9 @@ class FreeSeg(nn.Module):
     def extract(self, images: torch.Tensor, timings: dict | None = None) -> dict:
         """images (B, 3, H, W) float 0-255 -> {"mask_features": (B, C, H'/4, W'/4),
         "multi_scale": 3 x (B, C, h_l, w_l) lowest resolution first, "image_size": (H, W)},
-        where H', W' are H, W padded up to a multiple of `size_divisibility`."""
+        where H', W' are H, W padded up to a multiple of `size_divisibility`; with
+        `pixel_decoder.fine_dim` also "image_features" (B, fine_dim, H'/2, W'/2), from which
+        `decode` refines the mask features to stride 2."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"FreeSeg.extract: images must be (B, 3, H, W), got {tuple(images.shape)}")
         start = time.perf_counter()
@@ -121,8 +124,11 @@ class FreeSeg(nn.Module):
         res = self.backbone(x)
         start = record_time(timings, "backbone", start)
         mask_features, multi_scale = self.pixel_decoder(res)
+        out = {"mask_features": mask_features, "multi_scale": list(multi_scale), "image_size": (H, W)}
+        if self.pixel_decoder.fine_dim:
+            out["image_features"] = self.pixel_decoder.image_features(x)
         record_time(timings, "pixel_decoder", start)
-        return {"mask_features": mask_features, "multi_scale": list(multi_scale), "image_size": (H, W)}
+        return out
 
     def text_features(self, class_names: list[str], task: str | None) -> torch.Tensor:
         """The class prompts' CLIP text features (K, E), L2-normalised. No graph is kept when the
@@ -141,6 +147,8 @@ class FreeSeg(nn.Module):
         multi_scale, mask_features = features["multi_scale"], features["mask_features"]
         if self.interaction is not None:
             *multi_scale, mask_features = self.interaction.forward_pyramid(multi_scale + [mask_features], weights)
+        if "image_features" in features:  # after the interaction, which so runs at stride 4
+            mask_features = self.pixel_decoder.refine(mask_features, features["image_features"])
         out = self.decoder(multi_scale, mask_features)
         for pred in [out] + out["aux_outputs"]:
             embeds = F.normalize(pred["pred_embeds"], dim=-1)  # (B, Q, E)

@@ -14,6 +14,7 @@ mask2former/open_vocabulary_model.py (`forward` in eval mode, `semantic_inferenc
         p_mask = softmax over K + 1, no-object column dropped      (Q, K)
         p_clip = CLIP on the mask crops of the input image         (Q, K)   region_classifier.py
         p      = geometric ensemble (seen / unseen exponents)      (Q, K)
+        [toy preset: + regions no query claims, named by CLIP alone (`unclaimed_regions`)]
         semantic / instance / panoptic post-processing             (postprocess.py)
 
 Deliberate differences from the official code:
@@ -29,6 +30,7 @@ Axis legend: Q queries, K classes, E embedding dim, H W spatial.
 
 import time
 
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
@@ -52,11 +54,35 @@ def _task_text(model: FreeSeg, class_names: list[str], task: str, text_cache: di
 
 def mask_probabilities(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[int, int],
                        align_corners: bool) -> torch.Tensor:
-    """mask logits (Q, h, w) at stride 4 of the input that `model.extract` padded -> probabilities
+    """mask logits (Q, h, w) at stride 4 (or 2) of the input that `model.extract` padded -> probabilities
     (Q, H, W) of the image of `size` (H, W); `align_corners` is `InferenceConfig.mask_align_corners`."""
     padded = model.padded_size(size)
     up = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=align_corners)[0]
     return up[:, :size[0], :size[1]].sigmoid()
+
+
+def unclaimed_regions(masks: torch.Tensor, objectness: torch.Tensor, min_area: float) -> torch.Tensor:
+    """The parts of the image that no proposal claims, as extra proposals: masks (Q, H, W)
+    probabilities, objectness (Q,) = 1 - p(no object) -> (n, H, W) float {0, 1}.
+
+    A pixel is claimed when some query's objectness times its mask probability reaches 0.5;
+    each 4-connected region of unclaimed pixels covering at least `min_area` of the image becomes
+    a proposal. The proposal network is trained on seen classes only, and every pixel of an
+    unseen class counts as background for every mask, so it may learn to leave a whole unseen
+    region uncovered (on the toy world with `pixel_decoder.fine_dim`, the water); CLIP can still
+    name such a region if it is proposed. Not part of FreeSeg: `InferenceConfig.unclaimed_min_area`
+    is 0 in every paper preset.
+    """
+    H, W = masks.shape[-2:]
+    if len(masks):
+        claimed = (masks * objectness[:, None, None]).amax(0) >= 0.5
+    else:
+        claimed = torch.zeros(H, W, dtype=torch.bool, device=masks.device)
+    labels, n = scipy.ndimage.label((~claimed).cpu().numpy())  # 4-connectivity
+    regions = torch.from_numpy(labels).to(masks.device)
+    sizes = torch.bincount(regions.flatten(), minlength=n + 1)[1:]  # pixels of region 1..n
+    keep = (torch.nonzero(sizes >= min_area * H * W).flatten() + 1).tolist()
+    return torch.stack([regions == k for k in keep]).to(masks.dtype) if keep else masks.new_zeros(0, H, W)
 
 
 def clip_probabilities(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor, text: torch.Tensor,
@@ -120,14 +146,20 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
     p_mask, p_void = probs[:, :K], probs[:, K:]
     start = record_time(task_times, "postprocess", start)
     if cfg.use_clip:
-        p_clip = clip_probabilities(model, image, masks, text, cfg)  # crops of the input image, (Q, K)
-        p_mask = geometric_ensemble(p_mask, p_clip, unseen, cfg.clip_weight_seen, cfg.clip_weight_unseen)
+        Q = len(masks)
+        extra = (unclaimed_regions(masks, 1 - p_void[:, 0], cfg.unclaimed_min_area) if cfg.unclaimed_min_area > 0
+                 else masks[:0])  # (n, H, W)
+        p_clip = clip_probabilities(model, image, torch.cat([masks, extra]), text, cfg)  # crops of the input image, (Q + n, K)
+        p_mask = geometric_ensemble(p_mask, p_clip[:Q], unseen, cfg.clip_weight_seen, cfg.clip_weight_unseen)
         # A geometric mean of two distributions sums to less than 1 (the less, the more they
         # disagree). Rescale it to the mask classifier's object mass 1 - p(no object): the
         # ensemble decides WHICH class, the mask classifier WHETHER there is an object, so
         # thresholds on scores (panoptic, instance) keep their meaning. The official code
         # re-sharpens with softmax(p / 0.01) in panoptic/instance inference instead.
         p_mask = p_mask / p_mask.sum(-1, keepdim=True).clamp_min(1e-12) * (1 - p_void)
+        # Unclaimed regions have no query, so CLIP alone names them, and they are not "no object".
+        masks, p_mask = torch.cat([masks, extra]), torch.cat([p_mask, p_clip[Q:]])
+        p_void = torch.cat([p_void, p_void.new_zeros(len(extra), 1)])
         start = record_time(task_times, "region_clip", start)
     if out_size is not None and tuple(out_size) != (H, W):
         masks = F.interpolate(masks[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
