@@ -125,8 +125,8 @@ def keep_freed_memory() -> bool:
     128 KiB of it is free (M_TRIM_THRESHOLD), so the kernel maps and zero-fills the same memory
     again and again. Raising both thresholds (to 32 MiB and 1 GiB) keeps it in the process; the
     price is that up to 1 GiB of freed memory stays with each process. On the toy world (2-core
-    machine, README) the CLIP stage ran 1.1x faster and the all-task stage 1.07x. Elsewhere than on Linux with glibc it does nothing. Returns
-    whether malloc took both settings.
+    machine, README) the CLIP stage ran 1.1x faster and the all-task stage 1.07x. Elsewhere than
+    on Linux with glibc it does nothing. Returns whether malloc took both settings.
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

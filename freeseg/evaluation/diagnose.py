@@ -37,8 +37,7 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
     "best_iou", "mask_cls", "clip", "clip_gt", "ensemble"} (the last four: bool, class named right)."""
     from freeseg.data.datasets import SegmentationDataset, load_meta
     from freeseg.data.transforms import TestResize
-    from freeseg.modeling.inference import clip_probabilities, mask_probabilities, unclaimed_regions
-    from freeseg.modeling.region_classifier import geometric_ensemble
+    from freeseg.modeling.inference import classify_with_clip, clip_probabilities, mask_probabilities
 
     cats = load_meta(prep)["categories"]
     names = [c["name"] for c in cats]
@@ -54,13 +53,9 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
         H, W = image.shape[-2:]
         out = model.decode(model.extract(image[None]), text)
         probs = mask_probabilities(model, out["pred_masks"][0], (H, W), icfg.mask_align_corners)  # (Q, H, W)
-        probs_all = out["pred_logits"][0].softmax(-1)  # (Q, K + 1)
-        p_mask, Q = probs_all[:, :-1], len(probs)  # (Q, K)
-        if icfg.unclaimed_min_area > 0:
-            probs = torch.cat([probs, unclaimed_regions(probs, 1 - probs_all[:, -1], icfg.unclaimed_min_area)])
-        p_clip = clip_probabilities(model, image, probs, text, icfg)  # (Q + n, K)
-        p_ens = torch.cat([geometric_ensemble(p_mask, p_clip[:Q], unseen, icfg.clip_weight_seen,
-                                              icfg.clip_weight_unseen), p_clip[Q:]])
+        scores = out["pred_logits"][0].softmax(-1)  # (Q, K + 1)
+        p_mask, Q = scores[:, :-1], len(probs)  # (Q, K)
+        probs, p_clip, p_ens = classify_with_clip(model, image, probs, scores, text, unseen, icfg)  # Q + n rows
         binary = probs > icfg.mask_threshold
         gt = torch.as_tensor(sample["masks"])
         if gt.numel() and tuple(gt.shape[-2:]) != (H, W):

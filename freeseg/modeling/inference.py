@@ -92,6 +92,23 @@ def clip_probabilities(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor,
     return regions.to(image.device)(image, masks, text)
 
 
+def classify_with_clip(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor,
+                       text: torch.Tensor, unseen: torch.Tensor, cfg: InferenceConfig) -> tuple:
+    """The CLIP half of inference: masks (Q, H, W) probabilities and the mask classifier's
+    probs (Q, K + 1) -> (masks (Q + n, H, W), p_clip (Q + n, K), p_ens (Q + n, K)), where the n
+    extra rows are the unclaimed regions (`cfg.unclaimed_min_area`; n = 0 when off).
+
+    p_ens of the Q queries is the geometric ensemble of the mask classifier and CLIP (paper
+    eq. 6), not renormalised; an unclaimed region has no query, so CLIP alone names it.
+    """
+    Q = len(masks)
+    if cfg.unclaimed_min_area > 0:
+        masks = torch.cat([masks, unclaimed_regions(masks, 1 - probs[:, -1], cfg.unclaimed_min_area)])
+    p_clip = clip_probabilities(model, image, masks, text, cfg)  # crops of the input image, (Q + n, K)
+    p_ens = geometric_ensemble(probs[:, :-1], p_clip[:Q], unseen, cfg.clip_weight_seen, cfg.clip_weight_unseen)
+    return masks, p_clip, torch.cat([p_ens, p_clip[Q:]])
+
+
 @torch.no_grad()
 def predict(model: FreeSeg, image: torch.Tensor, class_names: list[str], unseen: torch.Tensor,
             is_thing: torch.Tensor, tasks: tuple[str, ...] | None = None, cfg: InferenceConfig | None = None,
@@ -147,19 +164,15 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
     start = record_time(task_times, "postprocess", start)
     if cfg.use_clip:
         Q = len(masks)
-        extra = (unclaimed_regions(masks, 1 - p_void[:, 0], cfg.unclaimed_min_area) if cfg.unclaimed_min_area > 0
-                 else masks[:0])  # (n, H, W)
-        p_clip = clip_probabilities(model, image, torch.cat([masks, extra]), text, cfg)  # crops of the input image, (Q + n, K)
-        p_mask = geometric_ensemble(p_mask, p_clip[:Q], unseen, cfg.clip_weight_seen, cfg.clip_weight_unseen)
+        masks, _, p_ens = classify_with_clip(model, image, masks, probs, text, unseen, cfg)  # Q + n rows
         # A geometric mean of two distributions sums to less than 1 (the less, the more they
         # disagree). Rescale it to the mask classifier's object mass 1 - p(no object): the
         # ensemble decides WHICH class, the mask classifier WHETHER there is an object, so
         # thresholds on scores (panoptic, instance) keep their meaning. The official code
         # re-sharpens with softmax(p / 0.01) in panoptic/instance inference instead.
-        p_mask = p_mask / p_mask.sum(-1, keepdim=True).clamp_min(1e-12) * (1 - p_void)
-        # Unclaimed regions have no query, so CLIP alone names them, and they are not "no object".
-        masks, p_mask = torch.cat([masks, extra]), torch.cat([p_mask, p_clip[Q:]])
-        p_void = torch.cat([p_void, p_void.new_zeros(len(extra), 1)])
+        # Unclaimed regions (rows Q onwards) are not "no object".
+        p_mask = torch.cat([p_ens[:Q] / p_ens[:Q].sum(-1, keepdim=True).clamp_min(1e-12) * (1 - p_void), p_ens[Q:]])
+        p_void = torch.cat([p_void, p_void.new_zeros(len(masks) - Q, 1)])
         start = record_time(task_times, "region_clip", start)
     if out_size is not None and tuple(out_size) != (H, W):
         masks = F.interpolate(masks[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
