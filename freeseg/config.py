@@ -170,6 +170,12 @@ class InferenceConfig:
     mask_align_corners: bool = True
     mask_expand_ratio: float = 1.0  # grow the crop box around the mask (official: 1.0)
     clip_chunk: int = 32  # crops per CLIP forward pass
+    # Not in FreeSeg (toy preset only, region_classifier.py): crop only the largest 4-connected
+    # part of each binary mask, after eroding it by `clip_erode` pixels; average CLIP's features
+    # of each crop and its mirror image.
+    clip_largest_part: bool = False
+    clip_erode: int = 0
+    clip_flip: bool = False
     # Geometric ensemble of mask classifier and CLIP (paper eq. 6, official ENSEMBLE_WEIGHT 0.8):
     # seen classes  p = p_mask^(1-w_seen)  * p_clip^w_seen,
     # unseen classes p = p_mask^(1-w_unseen) * p_clip^w_unseen.

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from freeseg.clip import CLIP, CLIP_MEAN, CLIP_STD
 from freeseg.modeling.region_classifier import (
-    RegionClassifier, crop_masked_regions, expand_boxes, geometric_ensemble, mask_boxes,
+    RegionClassifier, crop_masked_regions, expand_boxes, geometric_ensemble, largest_parts, mask_boxes,
 )
 
 FILL = (10.0, 20.0, 30.0)
@@ -104,6 +104,71 @@ def test_region_classifier_matches_direct_clip():
     # Pixels outside the mask are filled with CLIP's mean, so they are zero once normalised.
     grown = crop_masked_regions(image, mask_probs[2:] > 0.5, 16, 3.0, mean.flatten())
     assert ((grown - mean) / std)[0, :, 0, 0].abs().max() < 1e-4
+
+
+def test_largest_parts_by_hand():
+    masks = torch.zeros(4, 12, 12, dtype=torch.bool)
+    masks[0, 0:3, 0:3] = True  # 9 pixels: kept
+    masks[0, 8:10, 8:10] = True  # 4 pixels: dropped
+    masks[0, 5, 5] = True  # a stray pixel, diagonal neighbours do not connect (4-connectivity)
+    masks[0, 6, 6] = True
+    # Two blocks joined by a one-pixel bridge: one part until the erosion cuts the bridge.
+    masks[1, 1:6, 1:6] = True  # 5x5, eroded by one pixel to its 3x3 middle
+    masks[1, 3, 6:8] = True
+    masks[1, 2:6, 8:12] = True  # 4x4 at the right border
+    masks[2, 4, 1:10] = True  # a line that erosion would empty: taken as it is
+    masks[3] = True  # the whole image survives erosion (the border does not erode it)
+    out = largest_parts(masks, erode=0)
+    expected0 = torch.zeros(12, 12, dtype=torch.bool)
+    expected0[0:3, 0:3] = True
+    assert torch.equal(out[0], expected0)
+    assert torch.equal(out[1], masks[1]) and torch.equal(out[2], masks[2]) and torch.equal(out[3], masks[3])
+    out = largest_parts(masks, erode=1)
+    # Mask 0: the 3x3 block touches the top-left border, where the outside counts as inside, so
+    # its 2x2 corner survives; the 2x2 block and the stray pixels erode away.
+    expected0 = torch.zeros(12, 12, dtype=torch.bool)
+    expected0[0:2, 0:2] = True
+    assert torch.equal(out[0], expected0)
+    # Mask 1: the bridge is cut; the 5x5 block's 3x3 middle (9 pixels) beats what is left of the
+    # right block (rows 3-4, columns 9-11 up to the border: 6 pixels).
+    expected1 = torch.zeros(12, 12, dtype=torch.bool)
+    expected1[2:5, 2:5] = True
+    assert torch.equal(out[1], expected1)
+    assert torch.equal(out[2], masks[2]) and torch.equal(out[3], masks[3])
+    assert largest_parts(masks[:0], erode=1).shape == (0, 12, 12)
+    with pytest.raises(ValueError, match="erode"):
+        largest_parts(masks, erode=-1)
+
+
+def test_region_classifier_cleanup_and_flip():
+    clip = tiny_clip()
+    torch.manual_seed(3)
+    image = torch.rand(3, 20, 24) * 255
+    mask_probs = torch.zeros(2, 20, 24)
+    mask_probs[0, 2:9, 3:15] = 0.9
+    mask_probs[0, 18:20, 22:24] = 0.9  # a stray corner that stretches the box to the whole image
+    mask_probs[1, 10:18, 1:6] = 0.7
+    text = F.normalize(torch.randn(4, 16), dim=-1)
+    # largest_part crops exactly what the cleaned masks crop.
+    cleaned = largest_parts(mask_probs > 0.5, erode=1).float()
+    torch.testing.assert_close(RegionClassifier(clip, 0.5, 1.0, 2, largest_part=True, erode=1)(image, mask_probs, text),
+                               RegionClassifier(clip, 0.5, 1.0, 2)(image, cleaned, text))
+    assert not torch.allclose(RegionClassifier(clip, 0.5, 1.0, 2)(image, mask_probs, text),
+                              RegionClassifier(clip, 0.5, 1.0, 2)(image, cleaned, text), atol=1e-3)
+    # With flip, the features are the normalised mean of the crop's and its mirror image's, so a
+    # mirrored image and masks (integer boxes at expand_ratio 1) give the same features.
+    flip = RegionClassifier(clip, 0.5, 1.0, 2, flip=True)
+    plain = RegionClassifier(clip, 0.5, 1.0, 2)
+    f, valid = flip.encode_regions(image, mask_probs)
+    f_mirror, _ = flip.encode_regions(image.flip(-1), mask_probs.flip(-1))
+    torch.testing.assert_close(f, f_mirror, atol=1e-5, rtol=1e-4)
+    g, _ = plain.encode_regions(image, mask_probs)
+    g_mirror, _ = plain.encode_regions(image.flip(-1), mask_probs.flip(-1))
+    assert not torch.allclose(g, g_mirror, atol=1e-3)  # the tiny ViT itself is not mirror-symmetric
+    torch.testing.assert_close(f, F.normalize(g + g_mirror, dim=-1), atol=1e-5, rtol=1e-4)
+    assert valid.all()
+    with pytest.raises(ValueError, match="needs largest_part"):
+        RegionClassifier(clip, erode=1)
 
 
 def test_geometric_ensemble_by_hand():

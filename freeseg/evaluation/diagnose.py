@@ -104,7 +104,7 @@ def format_summary(table: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv=None) -> None:
-    from freeseg.evaluation.runner import load_model
+    from freeseg.evaluation.runner import apply_inference_overrides, load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/toy/alltask/checkpoint.pt", help="all-task checkpoint")
@@ -113,10 +113,13 @@ def main(argv=None) -> None:
     p.add_argument("--task", default="panoptic", choices=["semantic", "instance", "panoptic"],
                    help="whose task prompt names the classes")
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="inference overrides, as for evaluate.py, e.g. --set inference.clip_flip=false")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"checkpoint {args.checkpoint} not found")
     model, cfg, _ = load_model(args.checkpoint)
+    apply_inference_overrides(cfg, args.overrides)
     prep = Path(args.data_root or cfg.data.root) / "freeseg" / cfg.data.dataset
     rows = segment_records(model, cfg, prep, args.split or cfg.data.val_split, args.task, args.max_images)
     print(f"{cfg.data.dataset} {args.split or cfg.data.val_split}: {args.checkpoint} ({args.task} prompts)")

@@ -146,6 +146,16 @@ def ablation_variants(base: InferenceConfig, ablation: bool, ttpt: bool) -> dict
     return variants
 
 
+def apply_inference_overrides(cfg: Config, overrides: list[str] | None) -> None:
+    """Apply `--set KEY=VALUE` items to a trained model's config: only the settings that may
+    change after training (inference.*, data.test_short_side)."""
+    for item in overrides or []:
+        if not item.startswith(("inference.", "data.test_short_side")):
+            raise ValueError(f"evaluation override {item!r}: only inference.* and data.test_short_side "
+                             "can change after training")
+    apply_overrides(cfg, list(overrides or []))
+
+
 def evaluate_checkpoint(path: str | Path, out: str | Path | None = None, data_root: str | None = None,
                         dataset: str | None = None, split: str | None = None, tasks=None,
                         ablation: bool = False, ttpt: bool = False, max_images: int | None = None,
@@ -157,11 +167,7 @@ def evaluate_checkpoint(path: str | Path, out: str | Path | None = None, data_ro
     from freeseg.data.categories import EVAL_CATEGORY_SET
 
     model, cfg, _ = load_model(path, device)
-    for item in overrides or []:
-        if not item.startswith(("inference.", "data.test_short_side")):
-            raise ValueError(f"evaluation override {item!r}: only inference.* and data.test_short_side "
-                             "can change after training")
-    apply_overrides(cfg, list(overrides or []))
+    apply_inference_overrides(cfg, overrides)
     root = Path(data_root or cfg.data.root)
     dataset = dataset or cfg.data.dataset
     split = split or cfg.data.val_split

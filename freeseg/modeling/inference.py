@@ -88,7 +88,8 @@ def unclaimed_regions(masks: torch.Tensor, objectness: torch.Tensor, min_area: f
 def clip_probabilities(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor, text: torch.Tensor,
                        cfg: InferenceConfig) -> torch.Tensor:
     """CLIP's class probabilities (Q, K) of the crops of `masks` (Q, H, W) out of `image` (3, H, W)."""
-    regions = RegionClassifier(model.clip_model, cfg.mask_threshold, cfg.mask_expand_ratio, cfg.clip_chunk)
+    regions = RegionClassifier(model.clip_model, cfg.mask_threshold, cfg.mask_expand_ratio, cfg.clip_chunk,
+                               cfg.clip_largest_part, cfg.clip_erode, cfg.clip_flip)
     return regions.to(image.device)(image, masks, text)
 
 

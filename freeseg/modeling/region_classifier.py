@@ -24,6 +24,12 @@ CLIP's softmax(scale * cos) over the K classes only (scale = CLIP's own learned 
 which is 100 for OpenAI's models, the official constant), and per class
     p = p_mask^(1 - w) * p_clip^w,   w = w_seen (0.2) for seen, w_unseen (0.8) for unseen classes.
 
+Options that are not in FreeSeg (off by default and in every paper preset; the toy preset turns
+them on, README): `largest_part` crops only the largest 4-connected part of each binary mask,
+after eroding it by `erode` pixels, so that stray pixels far from the object do not stretch the
+box and shrink the object in the crop; `flip` averages CLIP's features of each crop and of its
+mirror image (horizontal-flip test-time augmentation).
+
 Deliberate differences from the official code:
   - a query whose binary mask is empty gets a uniform CLIP row (1/K); the official code uses a
     row of ones. Both leave that query's ranking of classes to the mask classifier; ours keeps
@@ -31,12 +37,12 @@ Deliberate differences from the official code:
   - crops are encoded in chunks of `chunk` instead of all at once, to bound memory.
 """
 
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from freeseg.clip import CLIP_MEAN, normalize_pixels
-
 
 
 def clip_logit_scale(clip_model: nn.Module) -> float:
@@ -107,24 +113,54 @@ def crop_masked_regions(image: torch.Tensor, masks: torch.Tensor, size: int, exp
     return torch.cat(crops)  # (N, 3, size, size)
 
 
+def largest_parts(masks: torch.Tensor, erode: int = 0) -> torch.Tensor:
+    """masks (N, H, W) bool -> (N, H, W) bool: of each mask, the largest 4-connected part after
+    eroding it by `erode` pixels (a (2 erode + 1)-pixel square). Erosion cuts thin bridges and
+    spurs first; a mask that it would empty is taken as it is. Ties go to the part whose first
+    pixel comes first in row-major order."""
+    if erode < 0:
+        raise ValueError(f"largest_parts: erode must be >= 0, got {erode}")
+    masks = masks.bool()
+    if erode > 0 and len(masks):
+        # Erosion is a max-pool of the complement; pixels beyond the border count as inside.
+        eroded = -F.max_pool2d(-masks[:, None].float(), 2 * erode + 1, stride=1, padding=erode)[:, 0] > 0.5
+        kept = eroded.flatten(1).any(dim=1)
+        masks = torch.where(kept[:, None, None], eroded, masks)
+    parts = []
+    for mask in masks.cpu().numpy():
+        labels, n = scipy.ndimage.label(mask)  # 4-connectivity
+        if n > 1:
+            sizes = torch.bincount(torch.from_numpy(labels).flatten(), minlength=n + 1)[1:]
+            mask = labels == int(sizes.argmax()) + 1
+        parts.append(torch.from_numpy(mask))
+    return torch.stack(parts).to(masks.device) if parts else masks
+
+
 class RegionClassifier(nn.Module):
     """Classify mask proposals with frozen CLIP (paper, section 3.3).
 
     forward(image (3, H, W) 0-255, mask_probs (Q, H, W) in [0, 1], text_features (K, E) L2-normalised)
     -> probs (Q, K): softmax over K of scale * cos(CLIP region feature, text feature), with
     CLIP's own logit scale (100 for OpenAI's models).
-    Queries whose binarised mask is empty get the uniform row 1/K.
+    Queries whose binarised mask is empty get the uniform row 1/K. `largest_part`, `erode` and
+    `flip`: see the module docstring.
     """
 
     def __init__(self, clip_model: nn.Module, mask_threshold: float = 0.5, expand_ratio: float = 1.0,
-                 chunk: int = 32):
+                 chunk: int = 32, largest_part: bool = False, erode: int = 0, flip: bool = False):
         super().__init__()
         if chunk < 1:
             raise ValueError(f"RegionClassifier: chunk must be >= 1, got {chunk}")
+        if erode < 0 or (erode > 0 and not largest_part):
+            raise ValueError(f"RegionClassifier: erode must be >= 0 and needs largest_part, got erode={erode}, "
+                             f"largest_part={largest_part}")
         self.clip_model = clip_model
         self.mask_threshold = mask_threshold
         self.expand_ratio = expand_ratio
         self.chunk = chunk
+        self.largest_part = largest_part
+        self.erode = erode
+        self.flip = flip
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     @torch.no_grad()
@@ -133,14 +169,19 @@ class RegionClassifier(nn.Module):
         valid = (mask_probs > self.mask_threshold).flatten(1).any(dim=1)  # (Q,)
         features = image.new_zeros(mask_probs.shape[0], self.clip_model.embed_dim, dtype=torch.float32)
         binary = mask_probs[valid] > self.mask_threshold
+        if self.largest_part:
+            binary = largest_parts(binary, self.erode)
         size = self.clip_model.input_resolution
         fill = self.clip_mean.flatten()
         for start in range(0, binary.shape[0], self.chunk):
             crops = crop_masked_regions(image, binary[start:start + self.chunk], size, self.expand_ratio, fill)
             crops = normalize_pixels(crops)  # CLIP's normalisation
-            out = self.clip_model.encode_image(crops).float()  # (n, E)
+            out = F.normalize(self.clip_model.encode_image(crops).float(), dim=-1)  # (n, E)
+            if self.flip:
+                out = F.normalize(out + F.normalize(self.clip_model.encode_image(crops.flip(-1)).float(), dim=-1),
+                                  dim=-1)
             idx = valid.nonzero().flatten()[start:start + self.chunk]
-            features[idx] = F.normalize(out, dim=-1)
+            features[idx] = out
         return features, valid
 
     def classify(self, features: torch.Tensor, valid: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
