@@ -13,6 +13,7 @@ mask2former/open_vocabulary_model.py (`forward` in eval mode, `semantic_inferenc
                cropped to the image, sigmoid -> (Q, H, W)
         p_mask = softmax over K + 1, no-object column dropped      (Q, K)
         p_clip = CLIP on the mask crops of the input image         (Q, K)   region_classifier.py
+               [toy preset: largest part of each mask, and its mirror image too]
         p      = geometric ensemble (seen / unseen exponents)      (Q, K)
         [toy preset: + regions no query claims, named by CLIP alone (`unclaimed_regions`)]
         semantic / instance / panoptic post-processing             (postprocess.py)
