@@ -176,6 +176,9 @@ class InferenceConfig:
     clip_largest_part: bool = False
     clip_erode: int = 0
     clip_flip: bool = False
+    # Not in FreeSeg (toy preset only, inference.region_text): CLIP names the regions against the
+    # mean of the three task prompts' text features instead of the current task's.
+    clip_task_ensemble: bool = False
     # Geometric ensemble of mask classifier and CLIP (paper eq. 6, official ENSEMBLE_WEIGHT 0.8):
     # seen classes  p = p_mask^(1-w_seen)  * p_clip^w_seen,
     # unseen classes p = p_mask^(1-w_unseen) * p_clip^w_unseen.

@@ -83,3 +83,61 @@ def test_results_do_not_depend_on_image_order():
     torch.testing.assert_close(alone, after_other)
     untuned = predict(model, images[1], NAMES, UNSEEN, IS_THING, cfg=InferenceConfig(tasks=("semantic",)))["semantic"]
     assert (untuned - alone).abs().max() > 1e-6
+
+
+def test_tuned_prompt_serves_every_task_and_restores_on_error():
+    from freeseg.modeling.targets import TASKS
+    from freeseg.modeling.ttpt import tuned_prompt
+
+    model = tiny_model(seed=3).eval()
+    images, _ = synthetic_batch()
+    with torch.no_grad():
+        features = model.extract(images[:1])
+        untuned = {t: model.text_features(NAMES, t) for t in TASKS}
+    before = model.prompt_learner.prefix_prompt.detach().clone()
+    cfg = TTPTConfig(enabled=True, steps=5, lr=1e-3, entropy_threshold=0.9)
+    text, _ = tune_text_features(model, features, NAMES, "semantic", UNSEEN, cfg)
+    with pytest.raises(RuntimeError, match="inside"), torch.no_grad():
+        with tuned_prompt(model, features, NAMES, "semantic", UNSEEN, cfg) as selected:
+            assert selected.any()
+            # The class prompt is shared by the tasks: every task's text features are tuned.
+            torch.testing.assert_close(model.text_features(NAMES, "semantic"), text)
+            for t in TASKS:
+                assert (model.text_features(NAMES, t) - untuned[t]).abs().max() > 1e-6
+            raise RuntimeError("inside")
+    torch.testing.assert_close(model.prompt_learner.prefix_prompt, before, rtol=0, atol=0)
+
+
+def test_region_text_task_ensemble_with_and_without_ttpt(monkeypatch):
+    import torch.nn.functional as F
+
+    import freeseg.modeling.inference as inference
+    from freeseg.modeling.targets import TASKS
+
+    model = tiny_model(seed=2).eval()
+    images, _ = synthetic_batch()
+    with torch.no_grad():
+        texts = [model.text_features(NAMES, t) for t in TASKS]
+    cfg = InferenceConfig(tasks=("semantic",), clip_task_ensemble=True)
+    with torch.no_grad():
+        mean = inference.region_text(model, NAMES, "instance", cfg)
+        torch.testing.assert_close(mean, F.normalize(sum(texts), dim=-1))
+        torch.testing.assert_close(inference.region_text(model, NAMES, "instance", InferenceConfig()), texts[1])
+    # predict hands CLIP the ensemble; under TTPT, the ensemble of the tuned prompt.
+    seen_text = []
+    real = inference.classify_with_clip
+    monkeypatch.setattr(inference, "classify_with_clip",
+                        lambda model, image, masks, probs, text, *a: seen_text.append(text) or
+                        real(model, image, masks, probs, text, *a))
+    predict(model, images[1], NAMES, UNSEEN, IS_THING, cfg=cfg)
+    torch.testing.assert_close(seen_text[-1], mean)
+    tuned_cfg = InferenceConfig(tasks=("semantic",), clip_task_ensemble=True,
+                                ttpt=TTPTConfig(enabled=True, steps=2, lr=1e-2, entropy_threshold=1.0))
+    predict(model, images[1], NAMES, UNSEEN, IS_THING, cfg=tuned_cfg)
+    assert (seen_text[-1] - mean).abs().max() > 1e-6
+    from freeseg.modeling.ttpt import tuned_prompt
+    with torch.no_grad():
+        features = model.extract(images[1:2].float())
+        with tuned_prompt(model, features, NAMES, "semantic", UNSEEN, tuned_cfg.ttpt):
+            tuned_mean = F.normalize(sum(model.text_features(NAMES, t) for t in TASKS), dim=-1)
+    torch.testing.assert_close(seen_text[-1], tuned_mean)

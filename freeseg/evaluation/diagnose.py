@@ -37,7 +37,7 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
     "best_iou", "mask_cls", "clip", "clip_gt", "ensemble"} (the last four: bool, class named right)."""
     from freeseg.data.datasets import SegmentationDataset, load_meta
     from freeseg.data.transforms import TestResize
-    from freeseg.modeling.inference import classify_with_clip, clip_probabilities, mask_probabilities
+    from freeseg.modeling.inference import classify_with_clip, clip_probabilities, mask_probabilities, region_text
 
     cats = load_meta(prep)["categories"]
     names = [c["name"] for c in cats]
@@ -46,6 +46,7 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
     resize = TestResize(cfg.data.test_short_side)
     icfg = cfg.inference
     text = model.text_features(names, task)
+    clip_text = region_text(model, names, task, icfg)  # what CLIP names the regions against
     rows = []
     for i in range(len(dataset) if max_images is None else min(max_images, len(dataset))):
         sample = dataset[i]
@@ -55,12 +56,12 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
         probs = mask_probabilities(model, out["pred_masks"][0], (H, W), icfg.mask_align_corners)  # (Q, H, W)
         scores = out["pred_logits"][0].softmax(-1)  # (Q, K + 1)
         p_mask, Q = scores[:, :-1], len(probs)  # (Q, K)
-        probs, p_clip, p_ens = classify_with_clip(model, image, probs, scores, text, unseen, icfg)  # Q + n rows
+        probs, p_clip, p_ens = classify_with_clip(model, image, probs, scores, clip_text, unseen, icfg)  # Q + n rows
         binary = probs > icfg.mask_threshold
         gt = torch.as_tensor(sample["masks"])
         if gt.numel() and tuple(gt.shape[-2:]) != (H, W):
             gt = F.interpolate(gt[:, None].float(), size=(H, W), mode="nearest")[:, 0].bool()
-        p_gt = clip_probabilities(model, image, gt.float(), text, icfg) if gt.numel() else None
+        p_gt = clip_probabilities(model, image, gt.float(), clip_text, icfg) if gt.numel() else None
         labels = sample["labels"].tolist()
         for n, label in enumerate(labels):
             inter = (binary & gt[n]).flatten(1).sum(1)

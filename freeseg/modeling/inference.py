@@ -40,7 +40,7 @@ from freeseg.modeling.freeseg import FreeSeg, record_time
 from freeseg.modeling.postprocess import instance_inference, panoptic_inference, semantic_inference
 from freeseg.modeling.region_classifier import RegionClassifier, geometric_ensemble
 from freeseg.modeling.targets import TASKS
-from freeseg.modeling.ttpt import tune_text_features
+from freeseg.modeling.ttpt import tuned_prompt
 
 
 def _task_text(model: FreeSeg, class_names: list[str], task: str, text_cache: dict | None) -> torch.Tensor:
@@ -51,6 +51,17 @@ def _task_text(model: FreeSeg, class_names: list[str], task: str, text_cache: di
     if text_cache is not None:
         text_cache[key] = text
     return text
+
+
+def region_text(model: FreeSeg, class_names: list[str], task: str, cfg: InferenceConfig,
+                text_cache: dict | None = None) -> torch.Tensor:
+    """The text features (K, E) that CLIP names the regions against: the task prompt's own, or
+    with `cfg.clip_task_ensemble` the normalised mean of all three task prompts' (prompt
+    ensembling, as CLIP's paper averages caption templates; CLIP names what a region is,
+    whatever the task)."""
+    if not cfg.clip_task_ensemble:
+        return _task_text(model, class_names, task, text_cache)
+    return F.normalize(torch.stack([_task_text(model, class_names, t, text_cache) for t in TASKS]).sum(0), dim=-1)
 
 
 def mask_probabilities(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[int, int],
@@ -98,7 +109,8 @@ def classify_with_clip(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor,
                        text: torch.Tensor, unseen: torch.Tensor, cfg: InferenceConfig) -> tuple:
     """The CLIP half of inference: masks (Q, H, W) probabilities and the mask classifier's
     probs (Q, K + 1) -> (masks (Q + n, H, W), p_clip (Q + n, K), p_ens (Q + n, K)), where the n
-    extra rows are the unclaimed regions (`cfg.unclaimed_min_area`; n = 0 when off).
+    extra rows are the unclaimed regions (`cfg.unclaimed_min_area`; n = 0 when off). `text`
+    (K, E): what CLIP names the regions against (`region_text`).
 
     p_ens of the Q queries is the geometric ensemble of the mask classifier and CLIP (paper
     eq. 6), not renormalised; an unclaimed region has no query, so CLIP alone names it.
@@ -154,9 +166,12 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
     task_times = {} if timings is not None else None
     start = time.perf_counter()
     text = _task_text(model, class_names, task, text_cache)
+    clip_text = region_text(model, class_names, task, cfg, text_cache)
     start = record_time(task_times, "text", start)
     if cfg.ttpt.enabled and int(unseen.sum()) >= 2:
-        text, _ = tune_text_features(model, features, class_names, task, unseen, cfg.ttpt)
+        with tuned_prompt(model, features, class_names, task, unseen, cfg.ttpt):  # this image's prompt
+            text = model.text_features(class_names, task)
+            clip_text = region_text(model, class_names, task, cfg)
         start = record_time(task_times, "ttpt", start)
     out = model.decode(features, text, task_times)
     start = time.perf_counter()
@@ -166,7 +181,7 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
     start = record_time(task_times, "postprocess", start)
     if cfg.use_clip:
         Q = len(masks)
-        masks, _, p_ens = classify_with_clip(model, image, masks, probs, text, unseen, cfg)  # Q + n rows
+        masks, _, p_ens = classify_with_clip(model, image, masks, probs, clip_text, unseen, cfg)  # Q + n rows
         # A geometric mean of two distributions sums to less than 1 (the less, the more they
         # disagree). Rescale it to the mask classifier's object mass 1 - p(no object): the
         # ensemble decides WHICH class, the mask classifier WHETHER there is an object, so

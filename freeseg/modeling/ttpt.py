@@ -20,6 +20,7 @@ if tuning fails, so results never depend on the order images are seen in.
 Axis legend: Q queries, K classes, K_u unseen classes, E embedding dim.
 """
 
+import contextlib
 import math
 
 import torch
@@ -35,23 +36,22 @@ def unseen_entropy(logits: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def tune_text_features(model, features: dict, class_names: list[str], task: str, unseen: torch.Tensor,
-                       cfg: TTPTConfig, measure_after: bool = False) -> tuple[torch.Tensor, dict]:
-    """Tune the class prompt on one image's features (from `model.extract`, batch of one).
-
-    -> (text features (K, E) from the tuned prompt, detached;
-        stats {"selected": number of queries kept, "entropy_before", "entropy_after": mean
-        unseen entropy of the kept queries before / after tuning (nan if none kept, or if not
-        `measure_after`: measuring it costs one more decoder pass)}).
-    The model's prompt is unchanged on return.
+@contextlib.contextmanager
+def tuned_prompt(model, features: dict, class_names: list[str], task: str, unseen: torch.Tensor,
+                 cfg: TTPTConfig, stats: dict | None = None):
+    """Tune the class prompt on one image's features (from `model.extract`, batch of one) for
+    the duration of a `with` block: inside it, `model.prompt_learner` gives the tuned prompt's
+    text features for any task; on exit the prompt is restored, even if the block fails.
+    Yields the queries kept (Q,) bool, or None if tuning never ran (`cfg.steps` 0). `stats`, if
+    given, receives {"selected": number kept, "entropy_before": their mean unseen entropy}.
     """
     learner = model.prompt_learner
     if not isinstance(learner, PromptLearner):
-        raise TypeError("tune_text_features: test-time prompt tuning needs learned prompts (model.prompt.learned)")
+        raise TypeError("tuned_prompt: test-time prompt tuning needs learned prompts (model.prompt.learned)")
     num_unseen = int(unseen.sum())
     prompt = learner.prefix_prompt
     saved, saved_flag = prompt.detach().clone(), prompt.requires_grad
-    stats = {"selected": 0, "entropy_before": math.nan, "entropy_after": math.nan}
+    stats = {} if stats is None else stats
     try:
         prompt.requires_grad_(True)
         opt = torch.optim.AdamW([prompt], lr=cfg.lr, weight_decay=0.0)
@@ -71,14 +71,29 @@ def tune_text_features(model, features: dict, class_names: list[str], task: str,
                 # .grad is left behind on the model's own parameters.
                 (prompt.grad,) = torch.autograd.grad(loss, [prompt])
                 opt.step()
-        with torch.no_grad():
-            text = learner(class_names, task)
-            if measure_after and selected is not None and selected.any():
-                logits = model.decode(features, text)["pred_logits"][0]
-                stats["entropy_after"] = float(unseen_entropy(logits, unseen)[selected].mean())
-        return text.detach(), stats
+        prompt.grad = None
+        prompt.requires_grad_(saved_flag)
+        yield selected
     finally:
         with torch.no_grad():
             prompt.copy_(saved)
         prompt.grad = None
         prompt.requires_grad_(saved_flag)
+
+
+def tune_text_features(model, features: dict, class_names: list[str], task: str, unseen: torch.Tensor,
+                       cfg: TTPTConfig, measure_after: bool = False) -> tuple[torch.Tensor, dict]:
+    """Tune the class prompt on one image's features (from `model.extract`, batch of one).
+    -> (text features (K, E) from the tuned prompt, detached;
+        stats {"selected": number of queries kept, "entropy_before", "entropy_after": mean
+        unseen entropy of the kept queries before / after tuning (nan if none kept, or if not
+        `measure_after`: measuring it costs one more decoder pass)}).
+    The model's prompt is unchanged on return.
+    """
+    stats = {"selected": 0, "entropy_before": math.nan, "entropy_after": math.nan}
+    with tuned_prompt(model, features, class_names, task, unseen, cfg, stats) as selected, torch.no_grad():
+        text = model.prompt_learner(class_names, task)
+        if measure_after and selected is not None and selected.any():
+            logits = model.decode(features, text)["pred_logits"][0]
+            stats["entropy_after"] = float(unseen_entropy(logits, unseen)[selected].mean())
+    return text.detach(), stats
