@@ -21,6 +21,11 @@ def tiny_clip() -> CLIP:
                 transformer_layers=1).eval()
 
 
+def random_image(seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.rand(3, 20, 24) * 255
+
+
 def small_image() -> torch.Tensor:
     return torch.arange(3 * 6 * 6, dtype=torch.float32).view(3, 6, 6)
 
@@ -87,8 +92,7 @@ def test_region_classifier_counts(num_masks):
 
 def test_region_classifier_matches_direct_clip():
     clip = tiny_clip()
-    torch.manual_seed(2)
-    image = torch.rand(3, 20, 24) * 255
+    image = random_image(2)
     mask_probs = torch.zeros(3, 20, 24)
     mask_probs[0, 2:9, 3:15] = 0.9
     mask_probs[1, 10:18, 1:5] = 0.7
@@ -142,8 +146,7 @@ def test_largest_parts_by_hand():
 
 def test_region_classifier_cleanup_and_flip():
     clip = tiny_clip()
-    torch.manual_seed(3)
-    image = torch.rand(3, 20, 24) * 255
+    image = random_image(3)
     mask_probs = torch.zeros(2, 20, 24)
     mask_probs[0, 2:9, 3:15] = 0.9
     mask_probs[0, 18:20, 22:24] = 0.9  # a stray corner that stretches the box to the whole image
