@@ -46,7 +46,7 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
     resize = TestResize(cfg.data.test_short_side)
     icfg = cfg.inference
     text = model.text_features(names, task)
-    clip_text = region_text(model, names, task, icfg)  # what CLIP names the regions against
+    clip_text = region_text(model, names, task, icfg, text=text)  # what CLIP names the regions against
     rows = []
     for i in range(len(dataset) if max_images is None else min(max_images, len(dataset))):
         sample = dataset[i]

@@ -54,14 +54,17 @@ def _task_text(model: FreeSeg, class_names: list[str], task: str, text_cache: di
 
 
 def region_text(model: FreeSeg, class_names: list[str], task: str, cfg: InferenceConfig,
-                text_cache: dict | None = None) -> torch.Tensor:
+                text_cache: dict | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
     """The text features (K, E) that CLIP names the regions against: the task prompt's own, or
     with `cfg.clip_task_ensemble` the normalised mean of all three task prompts' (prompt
     ensembling, as CLIP's paper averages caption templates; CLIP names what a region is,
-    whatever the task)."""
+    whatever the task). `text`: the task prompt's features, if the caller has them already."""
+    if text is None:
+        text = _task_text(model, class_names, task, text_cache)
     if not cfg.clip_task_ensemble:
-        return _task_text(model, class_names, task, text_cache)
-    return F.normalize(torch.stack([_task_text(model, class_names, t, text_cache) for t in TASKS]).sum(0), dim=-1)
+        return text
+    texts = [text if t == task else _task_text(model, class_names, t, text_cache) for t in TASKS]
+    return F.normalize(torch.stack(texts).sum(0), dim=-1)
 
 
 def mask_probabilities(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[int, int],
@@ -166,12 +169,13 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
     task_times = {} if timings is not None else None
     start = time.perf_counter()
     text = _task_text(model, class_names, task, text_cache)
-    clip_text = region_text(model, class_names, task, cfg, text_cache)
     start = record_time(task_times, "text", start)
+    clip_text = None  # what CLIP names the regions against, from the same prompt as `text`
     if cfg.ttpt.enabled and int(unseen.sum()) >= 2:
         with tuned_prompt(model, features, class_names, task, unseen, cfg.ttpt):  # this image's prompt
             text = model.text_features(class_names, task)
-            clip_text = region_text(model, class_names, task, cfg)
+            if cfg.use_clip:
+                clip_text = region_text(model, class_names, task, cfg, text=text)  # every task's prompt tuned
         start = record_time(task_times, "ttpt", start)
     out = model.decode(features, text, task_times)
     start = time.perf_counter()
@@ -180,6 +184,8 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
     p_mask, p_void = probs[:, :K], probs[:, K:]
     start = record_time(task_times, "postprocess", start)
     if cfg.use_clip:
+        if clip_text is None:
+            clip_text = region_text(model, class_names, task, cfg, text_cache, text)
         Q = len(masks)
         masks, _, p_ens = classify_with_clip(model, image, masks, probs, clip_text, unseen, cfg)  # Q + n rows
         # A geometric mean of two distributions sums to less than 1 (the less, the more they
