@@ -330,3 +330,31 @@ def test_semantic_iterations_learn_from_segments_when_asked():
         train.target_task("semantic", "instances")
     assert get_preset("coco").train.semantic_targets == "classes"
     assert get_preset("toy").train.semantic_targets == "segments"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_toy_batches_are_the_draws_of_their_iterations(threads):
+    """toy_batches draws in chunks, in worker processes: batch `it` must still be exactly
+    draw(generator (seed, it, rank), batch, size), across chunk boundaries and from a resumed
+    start, whatever the number of workers (one per thread)."""
+    import numpy as np
+
+    from freeseg.data import toy_world
+    from freeseg.presets import get_preset
+    from freeseg.toy_pretraining import toy_batches
+
+    cfg = get_preset("toy_backbone")
+    cfg.train.iterations, cfg.train.batch_size, cfg.train.seed = 7, 3, 5
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batches = list(toy_batches(toy_world.attribute_batch, cfg, start=2, size=24, chunk=2))
+    finally:
+        torch.set_num_threads(saved)
+    assert len(batches) == 5  # iterations 2..6
+    for it, (images, form, colour) in enumerate(batches, start=2):
+        want = toy_world.attribute_batch(np.random.default_rng([5, it, 0]), 3, size=24)
+        assert images.dtype == torch.uint8 and images.shape == (3, 3, 24, 24)
+        for got, expected in zip((images, form, colour), want):
+            assert torch.equal(got, torch.from_numpy(expected))
+    assert not torch.equal(batches[0][0], batches[1][0])
