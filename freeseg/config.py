@@ -197,7 +197,8 @@ class InferenceConfig:
     # circle" 0.4, "red square" 0.3), so the class rule drops queries that are certainly objects;
     # the official FreeSeg code avoids that by sharpening, softmax(p / 0.01), and then keeps
     # nearly every query. On one toy model, "object" instead of "class" raised PQ from 30.6 to
-    # 42.7 (ensemble) and from 10.7 to 20.9 (mask classifier only), threshold 0.5 (README).
+    # 42.7 (ensemble) and from 10.7 to 20.9 (mask classifier only), threshold 0.5
+    # (docs/toy_experiments.md).
     panoptic_keep_by: str = "object"
     instance_topk: int = 100
     # > 0: every unclaimed region covering at least this fraction of the image becomes a proposal
@@ -243,7 +244,7 @@ class TrainConfig:
     clip_grad_norm: float = 0.01  # full-model L2 clipping (official CLIP_VALUE 0.01)
     # What a semantic iteration of the all-task stage learns from: "classes", one mask per class
     # (official), or "segments", the panoptic task's segments (things one mask per instance)
-    # with the semantic prompt kept. The toy world uses "segments" (train.py, README).
+    # with the semantic prompt kept. The toy world uses "segments" (train.py, docs/toy_experiments.md).
     semantic_targets: str = "classes"
     amp: bool = True  # mixed precision, GPU only
     log_every: int = 20

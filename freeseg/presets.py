@@ -2,7 +2,8 @@
 
 `Config()` (freeseg/config.py) holds the official FreeSeg COCO R101c all-task settings; each
 preset here changes what its dataset or stage needs, and says where every changed number comes
-from (the official configs, or for the toy world the measurements in the README).
+from (the official configs, or for the toy world the measurements in the README and its log of
+toy runs, docs/toy_experiments.md, both cited as "README" below).
 
     cfg = get_preset("coco")                      # or preset_for("toy", "prompt") -> "toy_prompt"
 """

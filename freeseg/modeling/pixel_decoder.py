@@ -27,8 +27,8 @@ Toy preset only (`fine_dim` > 0): mask features at stride 2, from a small traina
 the image itself. The toy backbone stays frozen (fine-tuning it wiped out its shape features),
 so without it the masks could only be drawn from frozen stride-4 features and were blurred at
 the outlines, which is where CLIP reads an object's shape. With it, seen things' best proposals
-rose from IoU 0.77 to 0.82-0.83 on toy val (README). Its weights are new, so an official
-checkpoint never has them and `fine_dim` stays 0 in every paper preset.
+rose from IoU 0.77 to 0.82-0.83 on toy val (docs/toy_experiments.md). Its weights are new,
+so an official checkpoint never has them and `fine_dim` stays 0 in every paper preset.
 """
 
 import math

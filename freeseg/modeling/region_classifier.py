@@ -25,10 +25,10 @@ which is 100 for OpenAI's models, the official constant), and per class
     p = p_mask^(1 - w) * p_clip^w,   w = w_seen (0.2) for seen, w_unseen (0.8) for unseen classes.
 
 Options that are not in FreeSeg (off by default and in every paper preset; the toy preset turns
-them on, README): `largest_part` crops only the largest 4-connected part of each binary mask,
-after eroding it by `erode` pixels, so that stray pixels far from the object do not stretch the
-box and shrink the object in the crop; `flip` averages CLIP's features of each crop and of its
-mirror image (horizontal-flip test-time augmentation).
+them on, docs/toy_experiments.md): `largest_part` crops only the largest 4-connected part of
+each binary mask, after eroding it by `erode` pixels, so that stray pixels far from the object
+do not stretch the box and shrink the object in the crop; `flip` averages CLIP's features of
+each crop and of its mirror image (horizontal-flip test-time augmentation).
 
 Deliberate differences from the official code:
   - a query whose binary mask is empty gets a uniform CLIP row (1/K); the official code uses a

@@ -54,7 +54,7 @@ NUM_LEVELS = 3  # Mask2Former always attends to three scales (res5, res4, res3 l
 # Length unit of the coordinates of `coord_masks`, in mask-feature cells (2 cells = 8 input
 # pixels). The unit sets how fast AdamW can grow the disc terms: on the toy world 8 cells gave
 # PQ 45.7 / 45.3 and AP 27.4 / 28.1 (all-task seeds 0 / 1), 2 cells 47.8 / 48.9 and 32.8 / 32.6,
-# 1 cell 46.6 and 34.0 (seed 0 only), half a cell 40.0 and 28.6 (seed 0 only; README).
+# 1 cell 46.6 and 34.0 (seed 0 only), half a cell 40.0 and 28.6 (seed 0 only; docs/toy_experiments.md).
 COORD_UNIT = 2.0
 
 
