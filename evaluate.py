@@ -4,11 +4,15 @@
     python evaluate.py --checkpoint runs/coco/alltask/checkpoint.pt --out results.json
     python evaluate.py --checkpoint ckpt.pt --dataset voc --tasks semantic     # cross-dataset
     torchrun --nproc_per_node=8 evaluate.py --checkpoint ckpt.pt --ttpt
+    python evaluate.py --checkpoint freeseg_coco.pt --protocol official   # the official code's rules
 
 Scores are percentages. "seen"/"unseen" follow the evaluated dataset's split
 (freeseg/data/categories.py); mIoU_seen, mIoU_unseen and hIoU are computed over all classes
 of the vocabulary at once (the "standard protocol" of shared/DESIGN.md section 2), not over
 unseen classes alone. `--out` writes the JSON of shared/DESIGN.md section 5.
+`--protocol` chooses the inference and evaluation rules (docs/differences.md): "mask2former"
+(ours) or "official" (the official FreeSeg code's, quirks included); the default is the
+checkpoint's `inference.protocol` ("official" for a converted official checkpoint).
 """
 
 import argparse
@@ -32,6 +36,8 @@ def main(argv=None) -> None:
     p.add_argument("--ttpt", action="store_true", help="test-time prompt tuning for the unseen classes")
     p.add_argument("--ablation", action="store_true", help="also score mask-classifier-only and TTPT rows")
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--protocol", default=None, choices=["mask2former", "official"],
+                   help="inference and evaluation rules (default: the checkpoint's inference.protocol)")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="inference overrides, e.g. --set inference.ttpt.steps=5 inference.clip_weight_unseen=0.7")
     p.add_argument("--out", default=None, help="results JSON (written atomically)")
@@ -43,7 +49,8 @@ def main(argv=None) -> None:
     device = dist.init_distributed()[3]
     evaluate_checkpoint(args.checkpoint, out=args.out, data_root=args.data_root, dataset=args.dataset,
                         split=args.split, tasks=args.tasks, ablation=args.ablation, ttpt=args.ttpt,
-                        max_images=args.max_images, device=str(device), overrides=args.overrides)
+                        max_images=args.max_images, device=str(device),
+                        overrides=args.overrides + ([f"inference.protocol={args.protocol}"] if args.protocol else []))
     dist.cleanup()
 
 

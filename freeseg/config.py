@@ -163,6 +163,12 @@ class TTPTConfig:
 @dataclass
 class InferenceConfig:
     tasks: tuple[str, ...] = ("semantic", "instance", "panoptic")
+    # The rules after the network (docs/differences.md): "mask2former" (ours, the default for
+    # models trained here: CLIP's own temperature, a renormalised ensemble, Mask2Former's
+    # post-processing at the output size) or "official", the official FreeSeg code's inference
+    # reproduced literally, quirks included (postprocess_official.py); a converted official
+    # checkpoint carries "official". Both run the same network, crops and ensemble inputs.
+    protocol: str = "mask2former"
     mask_threshold: float = 0.5  # binarise a mask before cropping it for CLIP
     # How stride-4 mask logits are upsampled to the image: the official inference uses
     # align_corners=True (open_vocabulary_model.py), although its training loss (point_sample,

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from freeseg.data.categories import (class_names, get_categories, raw_to_contiguous_lut, thing_mask,
-                                     unseen_mask)
+from freeseg.data.categories import (OFFICIAL_EVAL_CATEGORY_SET, class_names, ensemble_unseen, get_categories,
+                                     raw_to_contiguous_lut, thing_mask, unseen_mask)
 from freeseg.data.toy_world import COLORS, SHAPES
 
 DESIGN_UNSEEN = {
@@ -63,3 +63,16 @@ def test_unknown_dataset():
     with pytest.raises(KeyError, match="cityscapes"):
         get_categories("cityscapes")
     assert unseen_mask(get_categories("voc")).dtype == np.bool_
+
+
+def test_official_coco_panoptic_ensemble_flags():
+    pan = get_categories("coco_panoptic")
+    flags = ensemble_unseen("coco_panoptic", pan, "official")
+    # register_coco_panoptic.py: trainable_flag excludes raw ids (COCO id - 1) 20, 24, 32, 33, 40,
+    # 56, 86, 123 (grass: not a panoptic class) and 148; cardboard, playingfield, river stay seen.
+    assert sorted(c["raw_id"] - 1 for c, f in zip(pan, flags) if f) == [20, 24, 32, 33, 40, 56, 86, 148]
+    assert flags.sum() == 8 and unseen_mask(pan).sum() == 11
+    assert np.array_equal(ensemble_unseen("coco_panoptic", pan), unseen_mask(pan))  # our protocol: the 11
+    assert np.array_equal(ensemble_unseen("coco", get_categories("coco"), "official"), unseen_mask(get_categories("coco")))
+    assert OFFICIAL_EVAL_CATEGORY_SET["coco"] == {"semantic": "coco", "instance": "coco_panoptic",
+                                                  "panoptic": "coco_panoptic"}

@@ -17,7 +17,8 @@ import torch
 from freeseg.clip import CLIP, CLIP_MEAN, CLIP_STD, default_tokenizer
 from freeseg.presets import get_preset
 from freeseg.modeling.checkpoint_official import (SKIPPED, convert_official_checkpoint, convert_official_state_dict,
-                                                  main, official_to_ours, read_official_checkpoint)
+                                                  main, official_model_config, official_to_ours,
+                                                  parse_official_config, read_official_checkpoint)
 from freeseg.modeling.freeseg import build_freeseg
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -75,6 +76,61 @@ def test_converted_keys_fill_our_full_model():
         per_part[k.split(".")[0]] = per_part.get(k.split(".")[0], 0) + 1
     assert per_part == {"backbone": 530, "pixel_decoder": 117, "decoder": 195, "interaction": 13,
                         "clip_model": 302, "prompt_learner": 6, "non_object_embedding": 1}
+
+
+@needs_tsv
+def test_model_size_read_from_the_checkpoint_and_its_config():
+    cfg = official_model_config(meta_official())
+    coco = get_preset("coco")
+    assert cfg.model == coco.model  # the full-size official checkpoint is the coco preset's model
+    assert cfg.inference.protocol == "official" and coco.inference.protocol == "mask2former"
+    assert (cfg.inference.clip_weight_seen, cfg.inference.clip_weight_unseen) == (0.2, 0.8)
+    # What shapes cannot tell comes from the official config: with 4 decoder heads the pixel
+    # decoder has 4 heads too, and its 8 x 3 x 4 attention weights then mean 8 points per level.
+    yaml = "MODEL:\n  MASK_FORMER:\n    NHEADS: 4\n  SEM_SEG_HEAD:\n    NUM_HEADS: 2\n"
+    cfg = official_model_config(meta_official(), yaml)
+    assert (cfg.model.decoder.num_heads, cfg.model.pixel_decoder.num_heads, cfg.model.pixel_decoder.num_points,
+            cfg.model.interaction.num_heads) == (4, 4, 8, 2)
+    fewer = {k: v for k, v in meta_official().items() if not k.startswith("backbone.res4.22.")}
+    with pytest.raises(ValueError, match=r"blocks per stage \(3, 4, 22, 3\)"):
+        official_model_config(fewer)
+
+
+def test_parse_official_config():
+    text = """\
+MODEL:
+  CLIP_ADAPTER:
+    CLIP_ENSEMBLE_WEIGHT: 0.7
+    PROMPT_SHAPE: (16, 0)
+  MASK_FORMER:
+    NHEADS: 8
+    PRE_NORM: false
+    TEST:
+      OVERLAP_THRESHOLD: 0.5
+  PIXEL_MEAN:
+  - 123.675
+  - 116.28
+  RPN:
+    BBOX_REG_WEIGHTS: &id001
+    - 1.0
+  ROI_HEADS:
+    WEIGHTS: *id001
+  WEIGHTS: ''
+  RESNETS:
+    RES5_MULTI_GRID: [1, 2, 4]
+    NORM: FrozenBN
+INPUT:
+  MIN_SIZE_TEST: 640
+"""
+    values = parse_official_config(text)
+    assert values["MODEL.CLIP_ADAPTER.CLIP_ENSEMBLE_WEIGHT"] == 0.7
+    assert values["MODEL.CLIP_ADAPTER.PROMPT_SHAPE"] == [16, 0]
+    assert values["MODEL.MASK_FORMER.NHEADS"] == 8 and values["MODEL.MASK_FORMER.PRE_NORM"] is False
+    assert values["MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD"] == 0.5
+    assert values["MODEL.PIXEL_MEAN"] == [123.675, 116.28]
+    assert values["MODEL.RPN.BBOX_REG_WEIGHTS"] == [1.0] and values["MODEL.ROI_HEADS.WEIGHTS"] is None
+    assert values["MODEL.WEIGHTS"] == "" and values["MODEL.RESNETS.RES5_MULTI_GRID"] == [1, 2, 4]
+    assert values["MODEL.RESNETS.NORM"] == "FrozenBN" and values["INPUT.MIN_SIZE_TEST"] == 640
 
 
 def test_rename_examples():
@@ -209,3 +265,36 @@ def test_random_official_checkpoint_end_to_end(tmp_path):
         images = torch.randn(2, 3, 224, 224, generator=gen)
         a, b = model.clip_model.encode_image(images), ref.encode_image(images)
         assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+
+
+@needs_tsv
+@pytest.mark.slow
+def test_full_size_official_checkpoint_runs_all_three_tasks(tmp_path):
+    """A random checkpoint in the full official layout (R101c, ViT-B/16), converted by the CLI,
+    runs the three tasks under the official protocol, as a converted checkpoint asks."""
+    from freeseg.data.categories import ensemble_unseen, get_categories
+    from freeseg.evaluation.runner import load_model
+    from freeseg.modeling.inference import predict
+
+    gen = torch.Generator().manual_seed(1)
+    official = {}
+    for k, shape in official_keys().items():
+        value = 0.02 * torch.randn(shape, generator=gen)
+        if k.endswith(("norm.weight", "running_var")):  # frozen BN: positive variances, unit scales
+            value = 1 + value.abs()
+        official[k] = value
+    source, out = tmp_path / "model_final.pth", tmp_path / "freeseg_coco.pt"
+    torch.save({"model": official | official_constants()}, source)
+    del official
+    main([str(source), str(out)])
+    model, cfg, _ = load_model(out)
+    assert cfg.inference.protocol == "official" and len(model.decoder.query_feat.weight) == 100
+    cats = [c for c in get_categories("coco_panoptic") if c["name"] in ("person", "cow", "road", "sky-other-merged")]
+    names = [c["name"] for c in cats]
+    unseen = torch.from_numpy(ensemble_unseen("coco_panoptic", cats, "official"))
+    is_thing = torch.tensor([c["isthing"] for c in cats])
+    image = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=gen)
+    result = predict(model, image, names, unseen, is_thing, cfg=cfg.inference, out_size=(40, 50))
+    assert result["semantic"].shape == (4, 40, 50) and result["semantic"].isfinite().all()
+    assert result["instance"]["masks"].shape[1:] == (40, 50)
+    assert result["panoptic"][0].shape == (40, 50)

@@ -209,3 +209,33 @@ def test_predict_adds_unclaimed_regions_named_by_clip():
     # Each region adds its CLIP distribution on its own pixels and nothing elsewhere.
     torch.testing.assert_close(extra - plain, torch.einsum("nk,nhw->khw", p_clip, regions), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(p_clip.sum(-1), torch.ones(len(regions)))
+
+
+def test_predict_official_protocol():
+    from freeseg.config import InferenceConfig
+    from freeseg.modeling.inference import predict
+
+    model = tiny_model().eval()
+    images, _ = synthetic_batch()
+    image = images[0, :, :50, :60].to(torch.uint8)
+    unseen = torch.tensor([False, True, False, True])
+    # Without CLIP both protocols have the same semantic rule; they differ in where they resize:
+    # "mask2former" resizes the masks to the output size, "official" its score maps.
+    for size in [None, (100, 120)]:
+        ours = predict(model, image, NAMES, unseen, IS_THING, ("semantic",), InferenceConfig(use_clip=False),
+                       out_size=size)["semantic"]
+        official = predict(model, image, NAMES, unseen, IS_THING, ("semantic",),
+                           InferenceConfig(use_clip=False, protocol="official"), out_size=size)["semantic"]
+        if size is None:
+            assert torch.equal(official, ours)
+        else:
+            assert official.shape == (4, 100, 120) and not torch.equal(official, ours)
+            torch.testing.assert_close(official, ours, atol=1e-5, rtol=1e-5)
+    out = predict(model, image, NAMES, unseen, IS_THING, cfg=InferenceConfig(protocol="official"), out_size=(100, 120))
+    assert out["instance"]["masks"].shape[1:] == (100, 120) and out["instance"]["masks"].dtype == torch.bool
+    seg, info = out["panoptic"]
+    assert seg.shape == (100, 120) and seg.dtype == torch.int32
+    assert all(set(s) == {"id", "isthing", "category_id"} for s in info)  # the official keys, no score
+    assert {s["id"] for s in info} == set(seg.unique().tolist()) - {0}
+    with pytest.raises(ValueError, match="inference.protocol"):
+        predict(model, image, NAMES, unseen, IS_THING, cfg=InferenceConfig(protocol="detectron2"))

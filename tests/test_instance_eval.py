@@ -168,3 +168,15 @@ def test_bad_input():
     ev.add_ground_truth(1, box(0, 2, 0, 2)[None], torch.tensor([0]))
     with pytest.raises(ValueError, match=r"ground truth is \(10, 10\)"):
         ev.update(1, torch.ones(1, 5, 5, dtype=torch.bool), torch.tensor([0.5]), torch.tensor([0]))
+
+
+def test_official_group_mean_keeps_a_class_without_ground_truth():
+    # A third thing class (seen) that no image has: its AP is NaN.
+    categories = CATEGORIES + [{"id": 3, "isthing": True, "seen": True}]
+    data, _ = random_dataset(4)
+    ours, official = InstanceEvaluator(categories), InstanceEvaluator(categories, official=True)
+    fill(ours, data)
+    fill(official, data)
+    a, s = ours.summary(), official.summary()
+    assert not math.isnan(a["AP_seen"]) and math.isnan(s["AP_seen"])  # np.mean over [AP of 0, nan]
+    assert s["AP_unseen"] == a["AP_unseen"] and s["AP"] == a["AP"]

@@ -258,3 +258,18 @@ def test_random_maps_exercise_the_crowd_rule():
     rngs = [np.random.default_rng(seed) for seed in range(5)]
     assert sum(reference_image_stats(*random_image(rng, categories))[1]
                for rng in rngs for _ in range(6)) > 0
+
+
+def test_official_seen_unseen_count_absent_classes_as_zero():
+    # Category B (unseen) and a fourth, seen stuff class C never occur in image 2.
+    categories = CATEGORIES + [{"id": 3, "isthing": False, "seen": True}]
+    ours, official = PanopticEvaluator(categories), PanopticEvaluator(categories, official=True)
+    for ev in (ours, official):
+        ev.update(*image2())
+    a, s = ours.summary(), official.summary()
+    pq = ours.per_category()["pq"] * 100
+    # Seen: A and S occur; the official mean also counts C as 0 -> (A + S + 0) / 3.
+    assert a["PQ_seen"] == pytest.approx(float(pq[A] + pq[S]) / 2)
+    assert s["PQ_seen"] == pytest.approx(float(pq[A] + pq[S]) / 3)
+    assert math.isnan(a["PQ_unseen"]) and s["PQ_unseen"] == 0.0  # B never occurs
+    assert s["PQ"] == a["PQ"] and s["PQ_th"] == a["PQ_th"]  # panopticapi's own averages unchanged

@@ -189,3 +189,21 @@ def test_geometric_ensemble_by_hand():
     torch.testing.assert_close(geometric_ensemble(p_mask, p_clip, unseen, 0.0, 1.0)[:, 0], p_mask[:, 0])
     with pytest.raises(ValueError, match="shapes differ"):
         geometric_ensemble(p_mask, p_clip[:, :2], unseen, 0.2, 0.8)
+
+
+def test_official_temperature_and_row_of_ones():
+    clip = tiny_clip()
+    image = random_image(3)
+    mask_probs = torch.zeros(2, 20, 24)
+    mask_probs[0, 2:9, 3:15] = 0.9
+    mask_probs[1, 4:6, 4:6] = 0.5  # exactly the threshold: not above it, so no crop
+    text = F.normalize(torch.randn(4, 16), dim=-1)
+    ours = RegionClassifier(clip)(image, mask_probs, text)
+    official = RegionClassifier(clip, temperature=100.0, empty_fill=1.0)
+    features, valid = official.encode_regions(image, mask_probs)
+    assert valid.tolist() == [True, False]
+    probs = official.classify(features, valid, text)
+    assert abs(clip.logit_scale.exp().item() - 100.0) > 1  # a scale that differs from the constant
+    torch.testing.assert_close(probs[0], (100.0 * features[0] @ text.t()).softmax(-1))
+    assert not torch.allclose(probs[0], ours[0], atol=1e-3)
+    assert probs[1].tolist() == [1.0] * 4 and ours[1].tolist() == [0.25] * 4

@@ -22,12 +22,15 @@ Sources (facts, bytedance/FreeSeg): COCO-Stuff names and ids from
 Names are the official ones verbatim (the official prompts were learned on these strings),
 except that ADE's "window " loses its trailing space.
 
-Deliberate difference: the official COCO panoptic registration excludes raw ids
-[20, 24, 32, 33, 40, 56, 86, 123, 148] (COCO ids minus one), i.e. cow, giraffe, suitcase,
-frisbee, skateboard, carrot, scissors, road and grass (id 124, which is not one of the 133
-classes): 8 classes, while cardboard, playingfield and river stay seen there. We mark a
-panoptic class unseen when its name is one of the 15 COCO-Stuff unseen names (11 classes); the
-merged classes ("tree-merged", "grass-merged", ...) stay seen.
+COCO panoptic's unseen classes: we mark a panoptic class unseen when its name is one of the 15
+COCO-Stuff unseen names (11 classes; the merged classes "tree-merged", "grass-merged", ... stay
+seen), which is also the set the official PQ report averages as "novel"
+(evaluation/panoptic_seg_evaluation.py, `novel_classes`). The official registration's
+`trainable_flag`, which the CLIP ensemble reads, excludes raw ids [20, 24, 32, 33, 40, 56, 86,
+123, 148] (COCO ids minus one: cow, giraffe, suitcase, frisbee, skateboard, carrot, scissors,
+grass, which is not one of the 133 classes, and road): 8 classes, cardboard, playingfield and
+river staying seen there. `ensemble_unseen` gives that set for the official protocol; ours uses
+the 11 for both (docs/differences.md).
 """
 
 import numpy as np
@@ -133,6 +136,10 @@ ADE_UNSEEN = (
 
 DATASETS = ("coco", "coco_panoptic", "voc", "ade", "toy")
 
+# The 8 unseen classes of the official COCO panoptic ensemble (register_coco_panoptic.py,
+# `trainable_flag`; see the module docstring).
+COCO_PANOPTIC_ENSEMBLE_UNSEEN = ("cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors", "road")
+
 # Which category set each evaluation of a dataset uses (state it next to every number).
 EVAL_CATEGORY_SET = {
     "coco": {"semantic": "coco", "instance": "coco", "panoptic": "coco_panoptic"},
@@ -140,6 +147,11 @@ EVAL_CATEGORY_SET = {
     "ade": {"semantic": "ade"},
     "toy": {"semantic": "toy", "instance": "toy", "panoptic": "toy"},
 }
+# Under the official protocol COCO instance inference runs with the 133 panoptic classes, as the
+# official all-task evaluation does (one dataset, coco_2017_val_panoptic_with_sem_seg, for
+# instance and panoptic; COCO-Stuff's 171 for semantic, configs/coco-stuff-164k-156/*_test_semseg.yaml).
+OFFICIAL_EVAL_CATEGORY_SET = {**EVAL_CATEGORY_SET,
+                              "coco": {"semantic": "coco", "instance": "coco_panoptic", "panoptic": "coco_panoptic"}}
 
 
 def _entry(idx: int, raw_id: int, name: str, isthing: bool, unseen: tuple[str, ...]) -> dict:
@@ -191,6 +203,14 @@ def class_names(categories: list[dict]) -> list[str]:
 def unseen_mask(categories: list[dict]) -> np.ndarray:
     """(K,) bool, True for classes held out of training."""
     return np.array([not c["seen"] for c in categories], dtype=bool)
+
+
+def ensemble_unseen(dataset: str, categories: list[dict], protocol: str = "mask2former") -> np.ndarray:
+    """(K,) bool: the classes the CLIP ensemble treats as unseen. The official protocol on COCO
+    panoptic uses the official `trainable_flag` (8 classes); otherwise the split's unseen classes."""
+    if protocol == "official" and dataset == "coco_panoptic":
+        return np.array([c["name"] in COCO_PANOPTIC_ENSEMBLE_UNSEEN for c in categories], dtype=bool)
+    return unseen_mask(categories)
 
 
 def thing_mask(categories: list[dict]) -> np.ndarray:

@@ -8,9 +8,11 @@ points, at most 100 detections per image.
 Seen / unseen AP: the per-category AP is read from COCOeval's precision array
 (IoU x recall x category x area x maxDets) at area "all" and 100 detections, entries of -1
 (category without ground truth) left out; AP_seen / AP_unseen are the means over seen / unseen
-thing categories, exactly as the official FreeSeg `COCOEvaluator` computes them (it inherits
-this from detectron2). Every category has the same number of entries, so the mean over all
-categories equals COCOeval's own AP.
+thing categories, as the official FreeSeg `COCOEvaluator` computes them
+(evaluation/instance_seg_evaluation.py, `_derive_coco_results`). A category without ground
+truth has no AP (NaN): we leave it out of its group's mean; the official `np.mean` lets it make
+the group NaN (`official=True`). Every category has the same number of entries, so the mean over
+all categories equals COCOeval's own AP.
 
 Differences from the official code: no detectron2 dataset registry or JSON round trip; only
 the images passed to `update` are scored (a partial evaluation is not charged for images it
@@ -43,13 +45,16 @@ class InstanceEvaluator:
 
     Args:
         categories: [{"id", "isthing", "seen"}, ...]; only thing categories are scored.
+        official: AP_seen / AP_unseen are the plain mean over the group's categories, NaN if one
+            has no ground truth, as the official evaluator's `np.mean`.
     """
 
-    def __init__(self, categories: list[dict]):
+    def __init__(self, categories: list[dict], official: bool = False):
         things = [c for c in categories if c["isthing"]]
         self.thing_ids = [int(c["id"]) for c in things]
         self.seen = {int(c["id"]): bool(c["seen"]) for c in things}
         self.stuff_ids = {int(c["id"]) for c in categories if not c["isthing"]}
+        self.official = official
         self.images: dict[int, dict] = {}  # image_id -> {"id", "height", "width"}
         self.gt: dict[int, list[dict]] = {}  # image_id -> ground-truth annotations (no "id")
         self.predictions: dict[int, list[dict]] = {}  # image_id -> detections ([] if none)
@@ -179,7 +184,7 @@ class InstanceEvaluator:
         per_category = self._per_category_ap(coco_eval)
         for suffix, want_seen in (("_seen", True), ("_unseen", False)):
             aps = [ap for c, ap in per_category.items()
-                   if self.seen[c] == want_seen and not math.isnan(ap)]
+                   if self.seen[c] == want_seen and (self.official or not math.isnan(ap))]
             result[f"AP{suffix}"] = float(np.mean(aps)) if aps else math.nan
         return result
 

@@ -18,9 +18,10 @@ Differences from the official FreeSeg code (which writes PNGs and calls panoptic
 - panopticapi reads a ground-truth segment's area from the JSON; we count it in the map.
 - with several crowd segments of one category in an image, panopticapi uses only the last one
   listed when excusing false positives; we use all of them (COCO has at most one anyway).
-- the official seen/unseen PQ averages over every category of the group, counting categories
-  absent from both ground truth and predictions as 0; we apply panopticapi's own rule (skip them)
-  to every group. On COCO val every category occurs, so both give the same numbers.
+- the official seen/unseen PQ (evaluation/panoptic_seg_evaluation.py) averages over every
+  category of the group, counting categories absent from both ground truth and predictions as 0;
+  we apply panopticapi's own rule (skip them) to every group, unless `official=True` (evaluate.py
+  --protocol official). On COCO val every category occurs, so both give the same numbers.
 """
 
 import math
@@ -35,15 +36,18 @@ class PanopticEvaluator:
 
     Args:
         categories: [{"id": category id, "isthing": bool, "seen": bool}, ...] (K entries).
+        official: PQ_seen / PQ_unseen (and their SQ, RQ) count a category that never occurs as 0,
+            as the official FreeSeg evaluator does (PQ, _th, _st keep panopticapi's rule).
     """
 
-    def __init__(self, categories: list[dict]):
+    def __init__(self, categories: list[dict], official: bool = False):
         self.category_ids = [int(c["id"]) for c in categories]
         self.index = {cid: k for k, cid in enumerate(self.category_ids)}
         if len(self.index) != len(categories):
             raise ValueError("PanopticEvaluator: duplicate category ids in categories")
         self.isthing = torch.tensor([bool(c["isthing"]) for c in categories])  # (K,)
         self.seen = torch.tensor([bool(c["seen"]) for c in categories])  # (K,)
+        self.official = official
         K = len(categories)
         self.iou_sum = torch.zeros(K, dtype=torch.float64)
         self.tp = torch.zeros(K, dtype=torch.int64)
@@ -141,7 +145,9 @@ class PanopticEvaluator:
                   "_seen": self.seen, "_unseen": ~self.seen}
         result = {}
         for suffix, members in groups.items():
-            chosen = members & stats["valid"]
+            # per_category gives 0 for a category that never occurs.
+            absent_as_zero = self.official and suffix in ("_seen", "_unseen")
+            chosen = members if absent_as_zero else members & stats["valid"]
             for name in ("pq", "sq", "rq"):
                 value = stats[name][chosen].mean().item() * 100 if chosen.any() else math.nan
                 result[f"{name.upper()}{suffix}"] = value

@@ -9,6 +9,13 @@ it also scores the mask classifier alone and the model with test-time prompt tun
 ablation of the paper's Table 5 on whatever dataset is at hand.
 
 Under torchrun, rank r takes images r, r+W, ...; the evaluators are reduced before scoring.
+
+With `inference.protocol = "official"` (evaluate.py --protocol official) the official evaluation
+rules apply too: images are read as detectron2 reads them (EXIF orientation, PIL's bilinear
+resize); COCO instance inference runs with the 133 panoptic classes and the CLIP ensemble with the
+official unseen flags (freeseg/data/categories.py); mask AP is scored against the prepared
+instances JSON; seen / unseen PQ count a class that never occurs as 0 and seen / unseen AP is a
+plain mean over the group's classes (evaluation/panoptic.py, instance.py).
 """
 
 import copy
@@ -17,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from freeseg import distributed as dist
 from freeseg.config import Config, InferenceConfig, apply_overrides, from_dict
@@ -60,16 +67,37 @@ def _panoptic_gt(root: Path, record: dict):
     return torch.from_numpy(ids), record["segments"]
 
 
+def official_test_image(path: Path, short_side: int) -> torch.Tensor:
+    """An evaluation image as the official test loader gives it: detectron2's `read_image` (PIL,
+    EXIF orientation applied, RGB) and `ResizeShortestEdge` (PIL bilinear on uint8) to the test
+    size of `TestResize` -> (3, H, W) uint8."""
+    from freeseg.data.io import DataError
+    from freeseg.data.transforms import TestResize
+
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+    except OSError as err:
+        raise DataError(f"{path}: cannot decode image ({err})") from None
+    h, w = TestResize(short_side).output_size(image.height, image.width, short_side)
+    resized = np.asarray(image.resize((w, h), Image.BILINEAR))  # (H, W, 3)
+    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+
+
 @torch.no_grad()
 def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: dict[str, InferenceConfig],
                    max_images: int | None = None) -> dict[str, dict]:
+    from freeseg.data.categories import ensemble_unseen
     from freeseg.data.datasets import SegmentationDataset, load_meta
     from freeseg.data.transforms import TestResize
     from freeseg.modeling.inference import predict
 
-    cats = load_meta(prep)["categories"]
+    meta = load_meta(prep)
+    cats = meta["categories"]
+    official = cfg.inference.protocol == "official"
     names = [c["name"] for c in cats]
-    unseen = torch.tensor([not c["seen"] for c in cats])
+    # The CLIP ensemble's unseen classes; the evaluators group by the categories' "seen".
+    unseen = torch.from_numpy(ensemble_unseen(meta["dataset"], cats, cfg.inference.protocol))
     is_thing = torch.tensor([bool(c["isthing"]) for c in cats])
     dataset = SegmentationDataset(prep, split, base=False)
     records = dataset.records
@@ -78,17 +106,24 @@ def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: 
             raise ValueError(f"{prep}: {split} has no panoptic annotations; evaluate with --tasks semantic")
     resize = TestResize(cfg.data.test_short_side)
     count = len(records) if max_images is None else min(max_images, len(records))
+    seen = torch.tensor([bool(c["seen"]) for c in cats])
     evaluators = {
-        name: {"semantic": SemanticEvaluator(len(cats), seen=~unseen),
-               "panoptic": PanopticEvaluator(cats), "instance": InstanceEvaluator(cats)}
+        name: {"semantic": SemanticEvaluator(len(cats), seen=seen),
+               "panoptic": PanopticEvaluator(cats, official), "instance": InstanceEvaluator(cats, official)}
         for name in variants
     }
+    if official and "instance" in tasks:  # the official AP is scored against the instances JSON
+        for ev in evaluators.values():
+            ev["instance"].load_ground_truth(prep / f"instances_{split}.json")
     text_cache = {name: {} for name in variants}  # prompt features per (vocabulary, task), reused across images
     start = time.perf_counter()
     for i in range(dist.get_rank(), count, dist.get_world_size()):
         sample, record = dataset[i], records[i]
         h, w = sample["sem_seg"].shape
-        image = resize(sample, np.random.default_rng(0))["image"]
+        if official:
+            image = official_test_image(Path(dataset.root) / record["file_name"], cfg.data.test_short_side)
+        else:
+            image = resize(sample, np.random.default_rng(0))["image"]
         pan_gt = _panoptic_gt(prep.parent.parent, record) if record.get("panoptic_file") else None
         for name, icfg in variants.items():
             ev = evaluators[name]
@@ -99,7 +134,10 @@ def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: 
             if "panoptic" in out:
                 seg, info = out["panoptic"]
                 ev["panoptic"].update(seg, info, *pan_gt)
-            if "instance" in out:
+            if "instance" in out and official:
+                ev["instance"].update(record["image_id"], out["instance"]["masks"], out["instance"]["scores"],
+                                      out["instance"]["labels"])
+            elif "instance" in out:
                 things = [s for s in record["segments"] if s["isthing"]]
                 gt_ids, gt_segs = pan_gt
                 masks = torch.stack([gt_ids == s["id"] for s in things]) if things else torch.zeros(0, h, w, dtype=torch.bool)
@@ -164,22 +202,23 @@ def evaluate_checkpoint(path: str | Path, out: str | Path | None = None, data_ro
 
     `overrides` (`inference.ttpt.steps=5`, ...) change the stored config's inference settings.
     """
-    from freeseg.data.categories import EVAL_CATEGORY_SET
+    from freeseg.data.categories import EVAL_CATEGORY_SET, OFFICIAL_EVAL_CATEGORY_SET
 
     model, cfg, _ = load_model(path, device)
     apply_inference_overrides(cfg, overrides)
     root = Path(data_root or cfg.data.root)
     dataset = dataset or cfg.data.dataset
     split = split or cfg.data.val_split
-    tasks = tuple(tasks or (t for t in cfg.inference.tasks if t in EVAL_CATEGORY_SET[dataset]))
-    unknown = [t for t in tasks if t not in EVAL_CATEGORY_SET[dataset]]
+    category_sets = OFFICIAL_EVAL_CATEGORY_SET if cfg.inference.protocol == "official" else EVAL_CATEGORY_SET
+    tasks = tuple(tasks or (t for t in cfg.inference.tasks if t in category_sets[dataset]))
+    unknown = [t for t in tasks if t not in category_sets[dataset]]
     if unknown:
         raise ValueError(f"dataset {dataset!r} has no ground truth for {unknown}")
     variants = ablation_variants(cfg.inference, ablation, ttpt)
     # Each task is scored on its own category set (COCO: panoptic PQ on the 133 panoptic classes).
     by_set: dict[str, list[str]] = {}
     for task in tasks:
-        by_set.setdefault(EVAL_CATEGORY_SET[dataset][task], []).append(task)
+        by_set.setdefault(category_sets[dataset][task], []).append(task)
     results = {name: {} for name in variants}
     for category_set, set_tasks in by_set.items():
         part = evaluate_model(model, cfg, root / "freeseg" / category_set, split, tuple(set_tasks), variants,
@@ -188,7 +227,7 @@ def evaluate_checkpoint(path: str | Path, out: str | Path | None = None, data_ro
             results[name].update(part[name])
     main_row = "+ test-time prompt tuning" if ttpt else "+ CLIP ensemble"
     if dist.is_main():
-        print(f"\n{dataset} {split}: {path}")
+        print(f"\n{dataset} {split}: {path} ({cfg.inference.protocol} protocol)")
         print(format_table(results))
         if out is not None:
             write_results(Path(out), results[main_row])

@@ -16,16 +16,26 @@ mask2former/open_vocabulary_model.py (`forward` in eval mode, `semantic_inferenc
                [toy preset: largest part of each mask, and its mirror image too]
         p      = geometric ensemble (seen / unseen exponents)      (Q, K)
         [toy preset: + regions no query claims, named by CLIP alone (`unclaimed_regions`)]
-        semantic / instance / panoptic post-processing             (postprocess.py)
+        semantic / instance / panoptic post-processing             (postprocess.py, or
+                                                                    postprocess_official.py)
 
-Deliberate differences from the official code:
+Two sets of rules after the network (`InferenceConfig.protocol`, docs/differences.md):
+  - "mask2former" (default for models trained here): CLIP's own temperature, a uniform CLIP row
+    for empty masks, the ensemble renormalised to the mask classifier's object mass, masks
+    upsampled to the output size first, then Mask2Former's post-processing (postprocess.py);
+  - "official": the official code literally: temperature 100, a CLIP row of ones, the raw
+    ensemble, its post-processing at the test size, quirks included, then its resize to the
+    output size (postprocess_official.py). A converted official checkpoint carries it.
+Both share everything up to the class probabilities and mask logits.
+
+Deliberate differences from the official code (both protocols):
   - one loop over tasks instead of three copied blocks; the image is encoded once, not three
     times, and text features are computed once per (class list, task) and may be cached across
     images (`text_cache`), where the official code re-runs CLIP's text tower for every call;
-  - panoptic post-processing here follows Mask2Former's rule, which needs a "no object"
-    probability per query: we append the mask classifier's own no-object probability to the
-    ensembled class probabilities. The official FreeSeg code drops that column and instead
-    re-sharpens the ensembled scores with softmax(p / 0.01) (see postprocess.py's header).
+  - under "mask2former", panoptic post-processing follows Mask2Former's rule, which needs a "no
+    object" probability per query: we append the mask classifier's own no-object probability to
+    the ensembled class probabilities. The official FreeSeg code drops that column and instead
+    re-sharpens the ensembled scores with softmax(p / 0.01) (postprocess_official.py).
 Axis legend: Q queries, K classes, E embedding dim, H W spatial.
 """
 
@@ -38,9 +48,12 @@ import torch.nn.functional as F
 from freeseg.config import InferenceConfig
 from freeseg.modeling.freeseg import FreeSeg, record_time
 from freeseg.modeling.postprocess import instance_inference, panoptic_inference, semantic_inference
-from freeseg.modeling.region_classifier import RegionClassifier, geometric_ensemble
+from freeseg.modeling.postprocess_official import official_ensemble, official_results
+from freeseg.modeling.region_classifier import OFFICIAL_TEMPERATURE, RegionClassifier, geometric_ensemble
 from freeseg.modeling.targets import TASKS
 from freeseg.modeling.ttpt import tuned_prompt
+
+PROTOCOLS = ("mask2former", "official")
 
 
 def _task_text(model: FreeSeg, class_names: list[str], task: str, text_cache: dict | None) -> torch.Tensor:
@@ -67,13 +80,20 @@ def region_text(model: FreeSeg, class_names: list[str], task: str, cfg: Inferenc
     return F.normalize(torch.stack(texts).sum(0), dim=-1)
 
 
-def mask_probabilities(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[int, int],
-                       align_corners: bool) -> torch.Tensor:
-    """mask logits (Q, h, w) at stride 4 (or 2) of the input that `model.extract` padded -> probabilities
-    (Q, H, W) of the image of `size` (H, W); `align_corners` is `InferenceConfig.mask_align_corners`."""
+def image_mask_logits(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[int, int],
+                      align_corners: bool) -> torch.Tensor:
+    """mask logits (Q, h, w) at stride 4 (or 2) of the input that `model.extract` padded -> mask
+    logits (Q, H, W) of the image of `size` (H, W): upsampled to the padded size, cropped to the
+    image; `align_corners` is `InferenceConfig.mask_align_corners`."""
     padded = model.padded_size(size)
     up = F.interpolate(mask_logits[None], size=padded, mode="bilinear", align_corners=align_corners)[0]
-    return up[:, :size[0], :size[1]].sigmoid()
+    return up[:, :size[0], :size[1]]
+
+
+def mask_probabilities(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[int, int],
+                       align_corners: bool) -> torch.Tensor:
+    """As `image_mask_logits`, then sigmoid: probabilities (Q, H, W)."""
+    return image_mask_logits(model, mask_logits, size, align_corners).sigmoid()
 
 
 def unclaimed_regions(masks: torch.Tensor, objectness: torch.Tensor, min_area: float) -> torch.Tensor:
@@ -102,9 +122,14 @@ def unclaimed_regions(masks: torch.Tensor, objectness: torch.Tensor, min_area: f
 
 def clip_probabilities(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor, text: torch.Tensor,
                        cfg: InferenceConfig) -> torch.Tensor:
-    """CLIP's class probabilities (Q, K) of the crops of `masks` (Q, H, W) out of `image` (3, H, W)."""
+    """CLIP's class probabilities (Q, K) of the crops of `masks` (Q, H, W) out of `image` (3, H, W).
+    The official protocol scales the cosines by 100 and gives an empty mask a row of ones;
+    "mask2former" uses CLIP's own learned scale and a uniform row (region_classifier.py)."""
+    official = cfg.protocol == "official"
     regions = RegionClassifier(model.clip_model, cfg.mask_threshold, cfg.mask_expand_ratio, cfg.clip_chunk,
-                               cfg.clip_largest_part, cfg.clip_erode, cfg.clip_flip)
+                               cfg.clip_largest_part, cfg.clip_erode, cfg.clip_flip,
+                               temperature=OFFICIAL_TEMPERATURE if official else None,
+                               empty_fill=1.0 if official else None)
     return regions.to(image.device)(image, masks, text)
 
 
@@ -122,7 +147,8 @@ def classify_with_clip(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor,
     if cfg.unclaimed_min_area > 0:
         masks = torch.cat([masks, unclaimed_regions(masks, 1 - probs[:, -1], cfg.unclaimed_min_area)])
     p_clip = clip_probabilities(model, image, masks, text, cfg)  # crops of the input image, (Q + n, K)
-    p_ens = geometric_ensemble(probs[:, :-1], p_clip[:Q], unseen, cfg.clip_weight_seen, cfg.clip_weight_unseen)
+    ensemble = official_ensemble if cfg.protocol == "official" else geometric_ensemble
+    p_ens = ensemble(probs[:, :-1], p_clip[:Q], unseen, cfg.clip_weight_seen, cfg.clip_weight_unseen)
     return masks, p_clip, torch.cat([p_ens, p_clip[Q:]])
 
 
@@ -136,12 +162,16 @@ def predict(model: FreeSeg, image: torch.Tensor, class_names: list[str], unseen:
         "instance": {"masks": (n, H_out, W_out) bool, "scores": (n,), "labels": (n,)},
         "panoptic": (panoptic_seg (H_out, W_out) int32, segments_info list).
     class_names (K), unseen (K,) bool, is_thing (K,) bool; tasks default to cfg.tasks;
-    out_size (H_out, W_out) resizes the masks first (default: the input size);
+    out_size (H_out, W_out): the output size (default: the input size); "mask2former" resizes
+    the masks to it first, "official" resizes its results (see `official_results`: the panoptic
+    ids it returns are the official uint8 ids, segments_info without scores);
     text_cache: a dict kept by the caller across images (drop it if the prompts change);
     timings: a dict that receives seconds per stage: "backbone", "pixel_decoder" (once), and per
     task {"text", "ttpt", "interaction_decoder", "region_clip", "postprocess"}.
     """
     cfg = cfg or InferenceConfig()
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"inference.protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     tasks = tuple(tasks or cfg.tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -179,33 +209,44 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
         start = record_time(task_times, "ttpt", start)
     out = model.decode(features, text, task_times)
     start = time.perf_counter()
-    masks = mask_probabilities(model, out["pred_masks"][0], (H, W), cfg.mask_align_corners)  # (Q, H, W)
+    logits = image_mask_logits(model, out["pred_masks"][0], (H, W), cfg.mask_align_corners)  # (Q, H, W)
+    masks = logits.sigmoid()
     probs = out["pred_logits"][0].softmax(dim=-1)  # (Q, K + 1)
     p_mask, p_void = probs[:, :K], probs[:, K:]
     start = record_time(task_times, "postprocess", start)
+    official = cfg.protocol == "official"
     if cfg.use_clip:
         if clip_text is None:
             clip_text = region_text(model, class_names, task, cfg, text_cache, text)
         Q = len(masks)
         masks, _, p_ens = classify_with_clip(model, image, masks, probs, clip_text, unseen, cfg)  # Q + n rows
-        # A geometric mean of two distributions sums to less than 1 (the less, the more they
-        # disagree). Rescale it to the mask classifier's object mass 1 - p(no object): the
-        # ensemble decides WHICH class, the mask classifier WHETHER there is an object, so
-        # thresholds on scores (panoptic, instance) keep their meaning. The official code
-        # re-sharpens with softmax(p / 0.01) in panoptic/instance inference instead.
-        # Unclaimed regions (rows Q onwards) are not "no object".
-        p_mask = torch.cat([p_ens[:Q] / p_ens[:Q].sum(-1, keepdim=True).clamp_min(1e-12) * (1 - p_void), p_ens[Q:]])
-        p_void = torch.cat([p_void, p_void.new_zeros(len(masks) - Q, 1)])
+        if official:
+            p_mask = p_ens  # the raw ensemble, as the official post-processing takes it
+            # Unclaimed regions (toy preset) are binary masks: as logits, -inf or +inf.
+            logits = torch.cat([logits, torch.where(masks[Q:] > 0.5, torch.inf, -torch.inf)])
+        else:
+            # A geometric mean of two distributions sums to less than 1 (the less, the more they
+            # disagree). Rescale it to the mask classifier's object mass 1 - p(no object): the
+            # ensemble decides WHICH class, the mask classifier WHETHER there is an object, so
+            # thresholds on scores (panoptic, instance) keep their meaning. The official code
+            # re-sharpens with softmax(p / 0.01) in panoptic/instance inference instead.
+            # Unclaimed regions (rows Q onwards) are not "no object".
+            p_mask = torch.cat([p_ens[:Q] / p_ens[:Q].sum(-1, keepdim=True).clamp_min(1e-12) * (1 - p_void),
+                                p_ens[Q:]])
+            p_void = torch.cat([p_void, p_void.new_zeros(len(masks) - Q, 1)])
         start = record_time(task_times, "region_clip", start)
-    if out_size is not None and tuple(out_size) != (H, W):
-        masks = F.interpolate(masks[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
-    if task == "semantic":
-        result = semantic_inference(p_mask, masks)
-    elif task == "instance":
-        result = instance_inference(p_mask, masks, is_thing, cfg.instance_topk)
+    if official:  # post-processing at the test size, then the official resize to out_size
+        result = official_results(task, p_mask, logits, is_thing, out_size or (H, W), cfg.overlap_threshold)
     else:
-        result = panoptic_inference(torch.cat([p_mask, p_void], dim=1), masks, is_thing,
-                                    cfg.object_mask_threshold, cfg.overlap_threshold, cfg.panoptic_keep_by)
+        if out_size is not None and tuple(out_size) != (H, W):
+            masks = F.interpolate(masks[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
+        if task == "semantic":
+            result = semantic_inference(p_mask, masks)
+        elif task == "instance":
+            result = instance_inference(p_mask, masks, is_thing, cfg.instance_topk)
+        else:
+            result = panoptic_inference(torch.cat([p_mask, p_void], dim=1), masks, is_thing,
+                                        cfg.object_mask_threshold, cfg.overlap_threshold, cfg.panoptic_keep_by)
     record_time(task_times, "postprocess", start)
     if timings is not None:
         timings[task] = task_times

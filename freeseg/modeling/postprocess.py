@@ -25,7 +25,9 @@ instance rules (it sharpens class probabilities with softmax(p / 0.01), restrict
 pixels where its class wins the semantic argmax, drops things scored below 0.5, and de-duplicates
 same-class instances). Here each task is one function with Mask2Former's published rules
 (the panoptic keep rule above aside);
-the thresholds are config fields (InferenceConfig); segments also carry their score.
+the thresholds are config fields (InferenceConfig); segments also carry their score. These are
+the rules of `inference.protocol = "mask2former"`; the official ones, quirks included, are in
+postprocess_official.py ("official"), and docs/differences.md compares the two.
 Axis legend: Q queries, K classes, H W spatial, n kept predictions.
 """
 

@@ -20,9 +20,12 @@ bicubic weights sum to one, so the order does not matter and we resize first (cr
 
 Ensemble (official mask2former/open_vocabulary_model.py, `semantic_inference`): the mask
 classifier's softmax over K+1 classes with the no-object column dropped (not renormalised),
-CLIP's softmax(scale * cos) over the K classes only (scale = CLIP's own learned logit scale,
-which is 100 for OpenAI's models, the official constant), and per class
+CLIP's softmax(scale * cos) over the K classes only, and per class
     p = p_mask^(1 - w) * p_clip^w,   w = w_seen (0.2) for seen, w_unseen (0.8) for unseen classes.
+The scale is the official constant 100 (clip_adapter/adapter.py, `get_sim_logits`) under
+`inference.protocol = "official"`, and CLIP's own learned logit scale under "mask2former": the
+same for OpenAI's models (their scale is capped at 100), but the toy world's tiny CLIP learned
+about 15, and its cosines x 100 would be far too peaked.
 
 Options that are not in FreeSeg (off by default and in every paper preset; the toy preset turns
 them on, docs/toy_experiments.md): `largest_part` crops only the largest 4-connected part of
@@ -31,9 +34,10 @@ do not stretch the box and shrink the object in the crop; `flip` averages CLIP's
 each crop and of its mirror image (horizontal-flip test-time augmentation).
 
 Deliberate differences from the official code:
-  - a query whose binary mask is empty gets a uniform CLIP row (1/K); the official code uses a
-    row of ones. Both leave that query's ranking of classes to the mask classifier; ours keeps
-    every row a probability distribution (the two differ by the constant factor K^-w).
+  - under "mask2former", a query whose binary mask is empty gets a uniform CLIP row (1/K); the
+    official code (and the "official" protocol) uses a row of ones. Both leave that query's
+    ranking of classes to the mask classifier; ours keeps every row a probability distribution
+    (the two differ by the factor K^-w, which is not the same for seen and unseen classes).
   - crops are encoded in chunks of `chunk` instead of all at once, to bound memory.
 """
 
@@ -50,6 +54,11 @@ def clip_logit_scale(clip_model: nn.Module) -> float:
     constant of the official adapter's `get_sim_logits`); about 15 for the toy world's tiny CLIP,
     whose cosines x 100 would be far too peaked."""
     return float(clip_model.logit_scale.exp())
+
+
+# The official region classifier's similarity temperature, a constant whatever CLIP's own learned
+# scale (clip_adapter/adapter.py, `ClipAdapter.get_sim_logits(..., temperature=100)`).
+OFFICIAL_TEMPERATURE = 100.0
 
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -140,14 +149,15 @@ class RegionClassifier(nn.Module):
     """Classify mask proposals with frozen CLIP (paper, section 3.3).
 
     forward(image (3, H, W) 0-255, mask_probs (Q, H, W) in [0, 1], text_features (K, E) L2-normalised)
-    -> probs (Q, K): softmax over K of scale * cos(CLIP region feature, text feature), with
-    CLIP's own logit scale (100 for OpenAI's models).
-    Queries whose binarised mask is empty get the uniform row 1/K. `largest_part`, `erode` and
-    `flip`: see the module docstring.
+    -> probs (Q, K): softmax over K of scale * cos(CLIP region feature, text feature), scale =
+    `temperature`, or CLIP's own logit scale when None (100 for OpenAI's models).
+    Queries whose binarised mask is empty get the row `empty_fill`, or the uniform row 1/K when
+    None (the official code: ones). `largest_part`, `erode` and `flip`: see the module docstring.
     """
 
     def __init__(self, clip_model: nn.Module, mask_threshold: float = 0.5, expand_ratio: float = 1.0,
-                 chunk: int = 32, largest_part: bool = False, erode: int = 0, flip: bool = False):
+                 chunk: int = 32, largest_part: bool = False, erode: int = 0, flip: bool = False,
+                 temperature: float | None = None, empty_fill: float | None = None):
         super().__init__()
         if chunk < 1:
             raise ValueError(f"RegionClassifier: chunk must be >= 1, got {chunk}")
@@ -161,6 +171,8 @@ class RegionClassifier(nn.Module):
         self.largest_part = largest_part
         self.erode = erode
         self.flip = flip
+        self.temperature = temperature
+        self.empty_fill = empty_fill
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     @torch.no_grad()
@@ -187,9 +199,13 @@ class RegionClassifier(nn.Module):
     def classify(self, features: torch.Tensor, valid: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """features (Q, E), valid (Q,), text_features (K, E) -> probs (Q, K). Differentiable in
         `text_features`, which test-time prompt tuning needs."""
-        probs = (clip_logit_scale(self.clip_model) * features @ text_features.t()).softmax(dim=-1)  # (Q, K)
-        uniform = torch.full_like(probs, 1.0 / max(text_features.shape[0], 1))
-        return torch.where(valid[:, None], probs, uniform)
+        if self.temperature is None:
+            logits = clip_logit_scale(self.clip_model) * features @ text_features.t()  # (Q, K)
+        else:  # scaled after the product, in the official order, so its logits match to the bit
+            logits = self.temperature * (features @ text_features.t())  # (Q, K)
+        probs = logits.softmax(dim=-1)
+        fill = 1.0 / max(text_features.shape[0], 1) if self.empty_fill is None else self.empty_fill
+        return torch.where(valid[:, None], probs, torch.full_like(probs, fill))
 
     def forward(self, image: torch.Tensor, mask_probs: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         features, valid = self.encode_regions(image, mask_probs)
