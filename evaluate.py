@@ -9,18 +9,24 @@
 Scores are percentages. "seen"/"unseen" follow the evaluated dataset's split
 (freeseg/data/categories.py); mIoU_seen, mIoU_unseen and hIoU are computed over all classes
 of the vocabulary at once (the "standard protocol" of shared/DESIGN.md section 2), not over
-unseen classes alone. `--out` writes the JSON of shared/DESIGN.md section 5.
+unseen classes alone. `--out` writes the JSON of shared/DESIGN.md section 5 (checked before
+the evaluation starts: a .json file in an existing folder, never the checkpoint itself).
 `--protocol` chooses the inference and evaluation rules (docs/differences.md): "mask2former"
 (ours) or "official" (the official FreeSeg code's, quirks included); the default is the
-checkpoint's `inference.protocol` ("official" for a converted official checkpoint).
+checkpoint's `inference.protocol` ("official" for a converted official checkpoint). An
+error in what was given is one line naming the file or key (--debug shows the traceback).
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from freeseg import distributed as dist
 from freeseg import engine
+from freeseg.data.io import check_output_file
+from freeseg.errors import ConfigError, MissingFileError, run_cli
 from freeseg.evaluation.runner import evaluate_checkpoint
+from freeseg.serialization import trust_files
 
 TOY_CHECKPOINT = Path("runs/toy/alltask/checkpoint.pt")
 
@@ -41,10 +47,19 @@ def main(argv=None) -> None:
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="inference overrides, e.g. --set inference.ttpt.steps=5 inference.clip_weight_unseen=0.7")
     p.add_argument("--out", default=None, help="results JSON (written atomically)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint fully even if it holds more than weights: only for a file you "
+                        "trust, as unpickling can run code hidden in it")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
+    trust_files(args.trust_checkpoint)
     if not Path(args.checkpoint).is_file():
         hint = " (run `python train.py --dataset toy` first)" if args.checkpoint == str(TOY_CHECKPOINT) else ""
-        raise SystemExit(f"checkpoint {args.checkpoint} not found{hint}")
+        raise MissingFileError(f"checkpoint {args.checkpoint} not found{hint}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ConfigError(f"--max-images {args.max_images}: must be at least 1 (leave it out for every image)")
+    if args.out is not None:
+        check_output_file(args.out, "--out", (".json",), inputs=(args.checkpoint,))
     engine.keep_freed_memory()
     device = dist.init_distributed()[3]
     evaluate_checkpoint(args.checkpoint, out=args.out, data_root=args.data_root, dataset=args.dataset,
@@ -55,4 +70,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

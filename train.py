@@ -6,6 +6,11 @@
     torchrun --nproc_per_node=8 train.py --dataset coco --stage alltask --init runs/coco/prompt/checkpoint.pt
     python train.py --dataset toy --stage alltask --set train.iterations=100 --resume
 
+Every override of every stage is checked before the first stage starts; a stage refuses to
+start over a run directory's checkpoint unless told to continue it (--resume) or replace it
+(--overwrite); an error in what was given is one line naming the file or key (--debug shows
+the traceback).
+
 Each stage is one plain loop below: draw a batch, forward, loss, backward, clip, step, LR,
 log, checkpoint. The data order is a pure function of (seed, iteration) (`engine.IterationSampler`),
 so a resumed run and an uninterrupted one see the same batches, and N processes with batch b
@@ -15,6 +20,7 @@ section 4.1 (settings); defaults in `freeseg/config.py`, presets in `freeseg/pre
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +30,11 @@ import torch.nn.functional as F
 from freeseg import config as C
 from freeseg import distributed as dist
 from freeseg import engine
-from freeseg import presets
+from freeseg import presets, weights
+from freeseg.data.io import writable_dir
+from freeseg.errors import CheckpointError, ConfigError, ConfigKeyError, MissingFileError, UserError, run_cli
 from freeseg.modeling.targets import TASKS
+from freeseg.serialization import trust_files
 from freeseg.toy_pretraining import train_backbone, train_clip
 
 STAGES = ("clip", "backbone", "prompt", "alltask")  # the first two only for the toy world
@@ -42,9 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "STAGE:KEY=VALUE applies to one stage only (alltask:train.iterations=300)")
     p.add_argument("--data-root", default=None, help="datasets root (default: $FREESEG_DATASETS or ./datasets)")
     p.add_argument("--output-dir", default=None, help="run directory (default: runs/<dataset>/<stage>)")
-    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pt (which must exist)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output directory that holds a checkpoint, replacing it")
     p.add_argument("--init", default=None, help="prompt-stage checkpoint whose prompts start the all-task stage")
     p.add_argument("--clip", default=None, help="CLIP to use (OpenAI name or file); sets model.clip.name")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the files this command reads fully even if they hold more than weights: only for "
+                        "files you trust, as unpickling can run code hidden in them")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_args(argv)
 
 
@@ -52,15 +67,22 @@ def data_root(arg: str | None) -> Path:
     return Path(arg or os.environ.get("FREESEG_DATASETS") or "datasets")
 
 
-def resolve_config(args, stage: str) -> C.Config:
+def dataset_stages(dataset: str) -> tuple[str, ...]:
+    return STAGES if dataset == "toy" else ("prompt", "alltask")
+
+
+def resolve_config(args, stage: str, world_size: int = 1) -> C.Config:
+    """The config of `stage`: its preset, the overrides for every stage and those for this one
+    (STAGE:KEY=VALUE), the command's paths; type- and range-checked (config.validate)."""
     cfg = presets.get_preset(args.preset or presets.preset_for(args.dataset, stage))
     overrides = []
     for item in args.overrides:
         prefix, sep, rest = item.partition(":")
         if not sep or "=" in prefix:
             overrides.append(item)
-        elif prefix not in STAGES:
-            raise ValueError(f"override {item!r}: unknown stage {prefix!r} ({', '.join(STAGES)})")
+        elif prefix not in dataset_stages(args.dataset):
+            raise ConfigError(f"override {item!r}: unknown stage {prefix!r} (--dataset {args.dataset} has "
+                              f"{', '.join(dataset_stages(args.dataset))})")
         elif prefix == stage:
             overrides.append(rest)
     C.apply_overrides(cfg, overrides)
@@ -68,7 +90,55 @@ def resolve_config(args, stage: str) -> C.Config:
     cfg.train.stage = stage
     if args.clip:
         cfg.model.clip.name = args.clip
-    return cfg
+    return C.validate(cfg, world_size)
+
+
+def check_overrides(args) -> dict[str, C.Config]:
+    """Every stage's config, resolved and checked before any stage starts: a typo in an
+    override of the last stage (or of a stage this command does not run) fails now, not after
+    the earlier stages have trained. The pipeline's CLIP and backbone stages run in one
+    process (run_toy), so only the other stages split their batch over torchrun's processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    configs = {}
+    stages = dataset_stages(args.dataset)
+    for stage in sorted(stages, key=lambda s: s != args.stage):  # the stage this command runs first
+        alone = args.stage is None and stage in ("clip", "backbone")
+        try:
+            configs[stage] = resolve_config(args, stage, 1 if alone else world)
+        except (ConfigError, ConfigKeyError) as err:
+            raise ConfigError(err if stage == args.stage else f"{stage} stage: {err}") from None
+    return {stage: configs[stage] for stage in stages}
+
+
+def check_run_dir(out_dir: Path, args, cfg: C.Config) -> None:
+    """Before any work: the run directory can be written, its checkpoint is continued only with
+    --resume and replaced only with --overwrite, and nothing this stage writes is one of its inputs."""
+    ckpt = out_dir / "checkpoint.pt"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output-dir {out_dir} is a file, not a directory")
+    existing = next(p for p in [out_dir, *out_dir.absolute().parents] if p.exists())
+    if not existing.is_dir() or not writable_dir(existing):
+        raise UserError(f"--output-dir {out_dir}: {existing} is not a writable directory")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run directory's checkpoint, --overwrite replaces it: give one")
+    if args.resume and not ckpt.is_file():
+        raise MissingFileError(f"--resume: {ckpt} does not exist (run without --resume to start this stage)")
+    if ckpt.exists() and not (args.resume or args.overwrite):
+        raise UserError(f"{out_dir} already holds a checkpoint ({ckpt}): --resume continues it, --overwrite "
+                        "starts afresh and replaces it, or choose another --output-dir")
+    outputs = [ckpt, out_dir / "metrics.jsonl", out_dir / "resnet.pth"]
+    inputs = {"--init": args.init, "--clip / model.clip.name": cfg.model.clip.name,
+              "model.backbone.weights": cfg.model.backbone.weights}
+    for flag, path in inputs.items():
+        if path and any(Path(path).absolute().resolve() == o.absolute().resolve() for o in outputs):
+            raise UserError(f"{flag} {path} is a file this stage writes in {out_dir}: choose another --output-dir")
+    if args.init and not Path(args.init).is_file():
+        raise MissingFileError(f"--init checkpoint {args.init} does not exist")
+    if cfg.model.clip.name not in ("", *weights.CLIP_MODELS) and not Path(cfg.model.clip.name).is_file():
+        raise MissingFileError(f"no CLIP checkpoint at {cfg.model.clip.name} (--clip / model.clip.name; known model "
+                               f"names: {', '.join(weights.CLIP_MODELS)})")
+    if cfg.model.backbone.weights and not Path(cfg.model.backbone.weights).is_file():
+        raise MissingFileError(f"backbone weights {cfg.model.backbone.weights} do not exist (model.backbone.weights)")
 
 
 def prepared_dir(cfg: C.Config) -> Path:
@@ -108,7 +178,7 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
     # CLIP's own temperature: 100 for OpenAI's CLIP (the official value), ~15 for the toy CLIP.
     scale = clip_logit_scale(clip_model)
     optimizer = engine.build_optimizer(prompts, cfg.train)
-    start = engine.start_from(out_dir, resume, {"model": prompts}, optimizer)
+    start = engine.start_from(out_dir, resume, {"model": prompts}, optimizer, cfg)
     logger = engine.Logger(out_dir, cfg.train.iterations, start)
     logger.truncate_after(start)
     loader = engine.make_loader(engine.SeededDataset(crops), cfg, start)
@@ -127,6 +197,7 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
         loss.backward()
         engine.average_gradients(prompts)
         optimizer.step()
+        engine.check_finite(it, {"loss": loss}, out_dir / "checkpoint.pt")
 
         if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
             acc = (logits.argmax(-1) == labels).float().mean()
@@ -171,7 +242,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
     from freeseg.modeling.freeseg import build_freeseg
 
     if cfg.model.backbone.freeze_at > 0 and not cfg.model.backbone.weights:
-        raise ValueError(f"model.backbone.freeze_at={cfg.model.backbone.freeze_at} would freeze randomly "
+        raise ConfigError(f"model.backbone.freeze_at={cfg.model.backbone.freeze_at} would freeze randomly "
                          "initialised layers: set model.backbone.weights (toy world: runs/toy/backbone/resnet.pth "
                          "from `train.py --dataset toy --stage backbone`)")
     target_task("semantic", cfg.train.semantic_targets)  # a bad value fails before any work
@@ -180,7 +251,12 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
     clip_model, tokenizer = engine.load_clip(cfg.model.clip.name)
     model = build_freeseg(cfg, clip_model, tokenizer).to(device)
     if init:
-        model.prompt_learner.load_state_dict(engine.load_checkpoint(init)["model"])
+        prompts = engine.load_checkpoint(init, stage="prompt", what="--init checkpoint")["model"]
+        try:
+            model.prompt_learner.load_state_dict(prompts)
+        except RuntimeError as err:
+            raise CheckpointError(f"--init checkpoint {init} does not fit this model's prompts (another "
+                                  f"model.prompt size?): {engine.mismatch(err)}") from None
         dist.print0(f"prompts initialised from {init}")
     model.freeze_prompts()
     prep = prepared_dir(cfg)
@@ -189,7 +265,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
                                 build_transforms(cfg.data, train=True))
     criterion = build_criterion(cfg.loss)
     optimizer = engine.build_optimizer(model, cfg.train)
-    start = engine.start_from(out_dir, resume, {"model": model}, optimizer)
+    start = engine.start_from(out_dir, resume, {"model": model}, optimizer, cfg)
     logger = engine.Logger(out_dir, cfg.train.iterations, start)
     logger.truncate_after(start)
     loader = engine.make_loader(data, cfg, start)
@@ -208,6 +284,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
                 text_cache[task] = model.text_features(names, task)
         loss, losses = engine.alltask_step(train_model, criterion, optimizer, images, targets, names, task,
                                            text_cache[task], use_amp, cfg.train.clip_grad_norm)
+        engine.check_finite(it, {"loss": loss, **losses}, out_dir / "checkpoint.pt")
 
         if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
             main_losses = {k: v for k, v in losses.items() if not k[-1].isdigit()}
@@ -231,8 +308,9 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
 # ---------------------------------------------------------------- the miniature world, end to end
 
 
-def run_toy(args) -> None:
-    """Data -> tiny CLIP -> backbone -> prompts -> all-task -> evaluation -> demo; each step reuses its output."""
+def run_toy(args, configs: dict[str, C.Config]) -> None:
+    """Data -> tiny CLIP -> backbone -> prompts -> all-task -> evaluation -> demo; each step reuses its output.
+    `configs`: every stage's checked config (check_overrides)."""
     from freeseg.data.prepare_coco import prepare_toy
     from freeseg.evaluation.report import write_results
     from freeseg.evaluation.runner import evaluate_checkpoint
@@ -240,6 +318,8 @@ def run_toy(args) -> None:
 
     run = Path(args.output_dir or "runs/toy")
     root = data_root(args.data_root)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--output-dir {run} is a file, not a directory")
     dist.init_distributed()  # under torchrun: every stage below runs on all ranks, the data is written by rank 0
     if dist.is_main():
         prepare_toy(root, force=False, workers=2)
@@ -248,14 +328,20 @@ def run_toy(args) -> None:
     stages = []
     for stage in STAGES:
         ckpt = run / stage / "checkpoint.pt"
-        cfg = resolve_config(args, stage)
+        cfg = configs[stage]
         if stage in ("prompt", "alltask"):
             cfg.model.clip.name = str(run / "clip" / "checkpoint.pt")
         if stage == "alltask" and not cfg.model.backbone.weights:
             cfg.model.backbone.weights = str(run / "backbone" / "resnet.pth")
-        done = ckpt.exists() and engine.load_checkpoint(ckpt)["iteration"] >= cfg.train.iterations
+        saved = engine.load_checkpoint(ckpt, stage=stage) if ckpt.exists() else None
+        done = saved is not None and saved["iteration"] >= cfg.train.iterations
         if done:
-            dist.print0(f"[toy] {stage}: reusing {ckpt}")
+            changed = C.config_diff(saved.get("config") or {}, C.to_dict(cfg))
+            note = "" if not changed else (
+                " (trained with other settings than this command's: "
+                + ", ".join(f"{k} {old!r}, now {new!r}" for k, old, new in changed)
+                + f"; delete {run / stage} to train it with them)")
+            dist.print0(f"[toy] {stage}: reusing {ckpt}{note}")
         else:
             dist.print0(f"[toy] {stage}: training -> {ckpt}")
             (run / stage).mkdir(parents=True, exist_ok=True)
@@ -283,31 +369,43 @@ def run_toy(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    trust_files(args.trust_checkpoint)
+    if args.stage is None and args.dataset != "toy":
+        raise ConfigError("--stage is required for real datasets: prompt, then alltask")
+    if args.stage == "clip" and args.dataset != "toy":
+        raise ConfigError("--stage clip trains the toy world's tiny CLIP; real datasets use OpenAI's CLIP")
+    if args.stage == "backbone" and args.dataset != "toy":
+        raise ConfigError("--stage backbone pre-trains the toy world's backbone; real datasets start from "
+                          "ImageNet weights (--set model.backbone.weights=R-103.pkl)")
+    if args.init and args.stage != "alltask":
+        raise ConfigError("--init gives the all-task stage its prompts: use it with --stage alltask")
+    configs = check_overrides(args)  # every stage, before any work
     engine.keep_freed_memory()
     if args.stage is None:
-        if args.dataset != "toy":
-            raise SystemExit("--stage is required for real datasets: prompt, then alltask")
-        run_toy(args)
+        if args.overwrite:
+            raise ConfigError("--overwrite applies to one --stage; the pipeline reuses finished stages and continues "
+                              "the others: delete a stage's folder to train it again")
+        run_toy(args, configs)
         dist.cleanup()
         return
-    if args.stage == "clip" and args.dataset != "toy":
-        raise SystemExit("--stage clip trains the toy world's tiny CLIP; real datasets use OpenAI's CLIP")
-    if args.stage == "backbone" and args.dataset != "toy":
-        raise SystemExit("--stage backbone pre-trains the toy world's backbone; real datasets start from "
-                         "ImageNet weights (--set model.backbone.weights=R-103.pkl)")
-    cfg = resolve_config(args, args.stage)
+    cfg = configs[args.stage]
     out_dir = Path(args.output_dir or f"runs/{args.dataset}/{args.stage}")
+    check_run_dir(out_dir, args, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:  # a run stopped before its first checkpoint must not leave the old one to resume
+        for name in ("checkpoint.pt", "metrics.jsonl"):
+            (out_dir / name).unlink(missing_ok=True)
+    resume = args.resume
     if args.stage == "clip":
-        train_clip(cfg, out_dir, args.resume)
+        train_clip(cfg, out_dir, resume)
     elif args.stage == "backbone":
-        train_backbone(cfg, out_dir, args.resume)
+        train_backbone(cfg, out_dir, resume)
     elif args.stage == "prompt":
-        train_prompt(cfg, out_dir, args.resume)
+        train_prompt(cfg, out_dir, resume)
     else:
-        train_alltask(cfg, out_dir, args.resume, args.init)
+        train_alltask(cfg, out_dir, resume, args.init)
     dist.cleanup()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

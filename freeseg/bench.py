@@ -28,11 +28,13 @@ median times, the speed-up and the largest difference of the features.
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from freeseg.errors import ConfigError, run_cli
 from freeseg.ops.ms_deform_attn import kernel_available, ms_deform_attn
 
 
@@ -211,7 +213,20 @@ def bench_prompts(device: str, threads: int, repeat: int) -> None:
     print(f"max |difference| of the L2-normalised features: {diff:.1e}")
 
 
-def main() -> None:
+def check_args(args: argparse.Namespace) -> None:
+    """Options checked before any work, each error naming the option."""
+    for flag in ("threads", "repeat", "batch"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag} {value}: must be at least 1")
+    device = getattr(args, "device", "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device {device}: must be cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     msda = sub.add_parser("msda", help="multi-scale deformable attention: reference vs kernels")
@@ -225,7 +240,10 @@ def main() -> None:
     prompts.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     prompts.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     prompts.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
-    args = parser.parse_args()
+    for sub_parser in (msda, step, prompts):
+        sub_parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = parser.parse_args(argv)
+    check_args(args)
     if args.bench == "msda":
         bench_msda(args.threads, args.repeat)
     elif args.bench == "prompts":
@@ -235,4 +253,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="python -m freeseg.bench"))

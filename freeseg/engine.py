@@ -9,7 +9,11 @@ pieces they have in common, each a plain function:
   see the same images as 1 process with batch 4. Augmentation seeds come from the same place.
 - `build_optimizer` / `lr_factor`: AdamW with a backbone multiplier or SGD; poly or cosine
   schedules with constant warm-up (detectron2's `WarmupPolyLR` / `WarmupCosineLR` semantics).
-- `save_checkpoint` / `load_checkpoint`: atomic writes; model, optimiser, iteration, config.
+- `save_checkpoint` / `load_checkpoint`: atomic writes; model, optimiser, iteration, config,
+  random generators, all tensors and plain types, so every checkpoint loads with
+  `torch.load(weights_only=True)` and loading one never runs code (freeseg/serialization.py).
+- `start_from`: resume, applying what the command changed since the checkpoint (or refusing).
+- `check_finite`: a non-finite loss stops training, naming the iteration and the last checkpoint.
 - `load_clip`: an OpenAI CLIP (name or file) or the toy world's own tiny CLIP checkpoint.
 - `alltask_step`: one optimisation step of the all-task stage (also timed by `freeseg.bench step`).
 - `keep_freed_memory`: a malloc setting that makes CPU training faster.
@@ -18,9 +22,9 @@ pieces they have in common, each a plain function:
 import ctypes
 import json
 import math
-import os
-import pickle
 import random
+import re
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,7 +33,10 @@ import numpy as np
 import torch
 
 from freeseg import distributed as dist
-from freeseg.config import Config, TrainConfig
+from freeseg.config import Config, TrainConfig, config_diff, to_dict
+from freeseg.data.io import atomic_write
+from freeseg.errors import CheckpointError, ConfigError, TrainingDiverged, UserError
+from freeseg.serialization import is_torchscript, load_torch_file
 
 
 # ---------------------------------------------------------------- data order
@@ -197,12 +204,21 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as tensors and plain numbers (NumPy's as its 624-word key), so
+    that a checkpoint holding it loads with `torch.load(weights_only=True)`."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    else:  # a checkpoint written before the state was stored as a tensor: NumPy's own tuple
+        np.random.set_state(n)
     random.setstate(state["python"])
 
 
@@ -212,16 +228,26 @@ def save_checkpoint(path: Path, **payload) -> None:
         dist.atomic_torch_save(payload, str(path))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        raise ValueError(f"checkpoint {path} is unreadable (truncated or not a torch file): {err}") from err
+def checkpoint_stage(ckpt: dict) -> str | None:
+    """The training stage a checkpoint of train.py comes from ("clip", ..., "alltask"), if it says."""
+    config = ckpt.get("config")
+    train = config.get("train") if isinstance(config, dict) else None
+    return train.get("stage") if isinstance(train, dict) else None
+
+
+def load_checkpoint(path: str | Path, stage: str | None = None, what: str = "checkpoint") -> dict:
+    """A checkpoint written by train.py (or the official-checkpoint converter), read safely.
+
+    `stage`: the stage it must come from; another stage is a CheckpointError that names both.
+    `what` names the file's role in messages ("--init checkpoint").
+    """
+    ckpt = load_torch_file(path, what)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"checkpoint {path} has no 'model' entry: it was not written by train.py")
+        raise CheckpointError(f"{what} {path} has no 'model' entry: it was not written by train.py")
+    found = checkpoint_stage(ckpt)
+    if stage is not None and found != stage:
+        raise CheckpointError(f"{what} {path} is a checkpoint of the {found or 'unknown'!r} stage, "
+                              f"not of the {stage!r} stage")
     return ckpt
 
 
@@ -235,9 +261,13 @@ def load_clip(name: str, device: str = "cpu"):
     from freeseg import clip
 
     path = Path(name)
-    if path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if path.is_file() and not is_torchscript(path):
+        ckpt = load_torch_file(path, "CLIP checkpoint")
         if isinstance(ckpt, dict) and "merges" in ckpt:
+            stage = checkpoint_stage(ckpt)
+            if stage not in (None, "clip"):
+                raise CheckpointError(f"CLIP checkpoint {path} is a checkpoint of the {stage!r} stage, not a CLIP "
+                                      "(train.py --dataset toy --stage clip writes one)")
             return clip.build_model(ckpt["model"]).to(device), tokenizer_for(ckpt["merges"])
     model, _ = clip.load(name, device=device)
     return model, clip.default_tokenizer()
@@ -250,18 +280,79 @@ def tokenizer_for(merges: list | None):
     return clip.Tokenizer(merges=[tuple(m) for m in merges]) if merges else clip.default_tokenizer()
 
 
-def start_from(out_dir: Path, resume: bool, modules: dict, optimizer) -> int:
-    """Load the run's checkpoint when resuming; returns the first iteration to run."""
+def mismatch(err: BaseException, limit: int = 300) -> str:
+    """What `load_state_dict` found wrong, on one line: its message without the header."""
+    text = re.sub(r"^Error\(s\) in loading state_dict for \w+:\s*", "", " ".join(str(err).split()))
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# Settings a resumed run cannot take from the command instead of the checkpoint: the optimiser's
+# state has the old optimiser's form, and the weights and generators come from the old seed.
+_FIXED_ON_RESUME = ("train.optimizer", "train.seed", "train.stage")
+# Settings the optimiser keeps in its own state: a resumed run would use the checkpoint's values.
+_OPTIMIZER_SETTINGS = ("train.lr", "train.weight_decay", "train.backbone_lr_mult", "train.momentum")
+
+
+def start_from(out_dir: Path, resume: bool, modules: dict, optimizer, cfg: Config | None = None) -> int:
+    """Load the run's checkpoint when resuming; returns the first iteration to run.
+
+    With `cfg`, settings that differ from the checkpoint's are applied, and said: those the
+    optimiser stores (learning rate, weight decay, momentum) are written into its parameter
+    groups, which would otherwise keep the checkpoint's values while the new checkpoint
+    records the new ones; the rest is read from `cfg` by the loop anyway. Settings that
+    cannot change mid-run (optimiser, seed) are refused.
+    """
     path = out_dir / "checkpoint.pt"
     if not (resume and path.exists()):
         return 0
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, stage=cfg.train.stage if cfg is not None else None, what="checkpoint to resume")
+    changes = config_diff(ckpt.get("config") or {}, to_dict(cfg)) if cfg is not None else []
+    fixed = [f"{k} {old!r} -> {new!r}" for k, old, new in changes if k in _FIXED_ON_RESUME]
+    if fixed:
+        raise ConfigError(f"--resume from {path}: {', '.join(fixed)} cannot change in a resumed run; "
+                          "start a new run in another --output-dir")
     for key, module in modules.items():
-        module.load_state_dict(ckpt[key])
-    optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            module.load_state_dict(ckpt[key])
+        except (RuntimeError, KeyError) as err:
+            raise CheckpointError(f"checkpoint to resume {path} does not fit this model (another model size?): "
+                                  f"{mismatch(err)}") from None
+    wanted = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint to resume {path}: its optimiser state does not fit this run "
+                              f"({err}); start a new run in another --output-dir") from None
+    if any(k in _OPTIMIZER_SETTINGS for k, _, _ in changes):
+        for group, new in zip(optimizer.param_groups, wanted):
+            for name in ("initial_lr", "weight_decay", "momentum"):
+                if name in new:
+                    group[name] = new[name]
     set_rng_state(ckpt["rng"])
     dist.print0(f"resumed from {path} at iteration {ckpt['iteration']}")
+    if changes:
+        applied = "; ".join(f"{k} {old!r} -> {new!r}" + (" (optimizer groups updated)" if k in _OPTIMIZER_SETTINGS else "")
+                            for k, old, new in changes)
+        dist.print0(f"resume: settings changed since the checkpoint, applied from iteration {ckpt['iteration']}: {applied}")
     return ckpt["iteration"]
+
+
+def check_finite(it: int, losses: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """Stop at the first iteration whose loss is not finite, on every rank together (the losses
+    are summed over ranks first), before the weights it produced can be saved. The message
+    names the iteration, the non-finite terms and the last checkpoint, saved before it."""
+    names = list(losses)
+    values = dist.all_reduce_sum(torch.stack([losses[k].detach().float().reshape(()) for k in names]).cpu())
+    bad = [f"{k}={v:g}" for k, v in zip(names, values.tolist()) if not math.isfinite(v)]
+    if not bad:
+        return
+    if checkpoint.exists():
+        last = f"the last checkpoint, {checkpoint} (iteration {load_checkpoint(checkpoint)['iteration']}), predates it"
+    else:
+        last = f"no checkpoint was saved in {checkpoint.parent}"
+    shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+    raise TrainingDiverged(f"iteration {it + 1}: the loss is not finite ({shown}); training stopped and {last}. "
+                           "Try a lower train.lr or check the data")
 
 
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -302,10 +393,33 @@ class Logger:
         """On resume, forget records past the checkpoint so the file holds one clean curve."""
         if not dist.is_main() or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["iter"] <= it]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        keep = [line for line, record in read_metrics_lines(self.path) if record["iter"] <= it]
+        with atomic_write(str(self.path), "w") as f:
+            f.write("".join(line + "\n" for line in keep))
+
+
+def read_metrics_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for every record of a metrics log. A last line that is not JSON was torn
+    by a run stopped while writing it: it is dropped with a warning naming the file. Any other
+    bad line is a UserError naming the file and the line."""
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == last:
+                print(f"warning: {path}: dropped its last line, torn by a run stopped while writing it "
+                      f"({line[:40]!r})", file=sys.stderr, flush=True)
+                continue
+            raise UserError(f"{path}, line {i + 1}: not a JSON record ({err.msg}); delete or fix that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
+            raise UserError(f"{path}, line {i + 1}: a record without an integer 'iter'; delete or fix that line")
+        out.append((line, record))
+    return out
 
 
 # ---------------------------------------------------------------- the all-task step

@@ -23,6 +23,7 @@ from freeseg.config import (
     PromptConfig,
     TrainConfig,
 )
+from freeseg.errors import ConfigKeyError
 
 
 def _coco() -> Config:
@@ -219,7 +220,7 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
 
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        raise ConfigKeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
 
 
@@ -229,5 +230,5 @@ def preset_for(dataset: str, stage: str) -> str:
         return dataset
     name = f"{dataset}_{stage}"
     if name not in PRESETS:
-        raise KeyError(f"no preset for dataset {dataset!r} and stage {stage!r}")
+        raise ConfigKeyError(f"no preset for dataset {dataset!r} and stage {stage!r}")
     return name

@@ -124,7 +124,7 @@ def train_clip(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
         transformer_layers=c.text_layers,
     ).to(device)
     optimizer = engine.build_optimizer(model, cfg.train)
-    start = start_from(out_dir, resume, {"model": model}, optimizer)
+    start = start_from(out_dir, resume, {"model": model}, optimizer, cfg)
     logger = engine.Logger(out_dir, cfg.train.iterations, start)
     logger.truncate_after(start)
 
@@ -153,6 +153,7 @@ def train_clip(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
         (loss * dist.get_world_size()).backward()
         engine.average_gradients(model)
         optimizer.step()
+        engine.check_finite(it, {"loss": loss / dist.get_world_size()}, out_dir / "checkpoint.pt")
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))  # CLIP caps the temperature at 100
 
@@ -218,7 +219,7 @@ def train_backbone(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
         return (images.to(device).float() - mean) / std  # FreeSeg's input normalisation
 
     optimizer = engine.build_optimizer(model, cfg.train)
-    start = start_from(out_dir, resume, {"model": model}, optimizer)
+    start = start_from(out_dir, resume, {"model": model}, optimizer, cfg)
     logger = engine.Logger(out_dir, cfg.train.iterations, start)
     logger.truncate_after(start)
     size = cfg.data.image_size
@@ -231,6 +232,7 @@ def train_backbone(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
         loss.backward()
         engine.average_gradients(model)
         optimizer.step()
+        engine.check_finite(it, {"loss": loss}, out_dir / "checkpoint.pt")
 
         if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
             logger.log(it, {**mean_over_ranks({"loss": loss.detach()}), "lr": optimizer.param_groups[0]["lr"]})

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from freeseg.data.io import save_image_atomic
 from freeseg.distributed import atomic_write_json
 
 # 20 well-separated colors (Tableau-like), cycled for larger vocabularies.
@@ -128,7 +129,6 @@ def demo_toy(checkpoint: str | Path, out: str | Path, seed: int = 7) -> Path:
         ImageDraw.Draw(sheet).text((x + 4, 1), task, fill=(0, 0, 0))
         x += panel.width
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    save_image_atomic(sheet, out)  # a stopped run or a full disk never leaves half a picture
     print(f"demo picture: {out}")
     return out

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 
+from freeseg.errors import CheckpointError
 from freeseg.presets import get_preset
 from freeseg.modeling.backbone import FrozenBatchNorm2d, ResNet, build_backbone, load_detectron2_resnet, load_torchvision_resnet
 
@@ -83,7 +84,7 @@ def test_torchvision_load_is_strict():
     ours = ResNet(depth=18, stem="basic")
     state = torchvision.models.resnet18(weights=None).state_dict()
     state.pop("layer2.0.downsample.0.weight")
-    with pytest.raises(RuntimeError, match="layer2.0.downsample.0.weight"):
+    with pytest.raises(CheckpointError, match="layer2.0.downsample.0.weight"):
         load_torchvision_resnet(ours, state)
 
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from freeseg.clip import CLIP, CLIP_MEAN, CLIP_STD, load
+from freeseg.errors import CheckpointError
 
 # Tracing and saving TorchScript (how OpenAI's archives are made) warns that TorchScript is deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning",
@@ -63,14 +64,14 @@ def test_truncated_archive(tiny, tmp_path, kind):
     data = full.read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(RuntimeError, match="truncated.pt.*truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="truncated.pt.*(unreadable|truncated)"):
         load(truncated)
 
 
 def test_corrupt_file(tmp_path):
     path = tmp_path / "noise.pt"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(RuntimeError, match="noise.pt.*truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="noise.pt.*unreadable"):
         load(path)
 
 

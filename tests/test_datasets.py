@@ -85,3 +85,44 @@ def test_crop_dataset_cuts_the_segment(toy_dir):
     assert set(labels) <= seen and max(np.bincount(labels)) <= 5  # seen only, per-class cap
     crop, label = ds[0]
     assert crop.shape == (3, 32, 32) and crop.dtype == torch.float32 and label == labels[0]
+
+
+def _copy_prepared(toy_dir, tmp_path) -> str:
+    """A private copy of the prepared toy data (raw images included) that a test may damage."""
+    import shutil
+
+    root = os.path.dirname(os.path.dirname(toy_dir))
+    shutil.copytree(root, tmp_path / "data")
+    return str(tmp_path / "data" / "freeseg" / "toy")
+
+
+def test_ground_truth_of_another_size_is_an_error_naming_it(toy_dir, tmp_path):
+    prep = _copy_prepared(toy_dir, tmp_path)
+    ds = SegmentationDataset(prep, "val")
+    sem_path = os.path.join(ds.root, ds.records[0]["sem_seg_file"])
+    Image.fromarray(np.zeros((10, 12), dtype=np.uint8)).save(sem_path)  # replaced after preparation
+    with pytest.raises(DataError, match=rf"{sem_path}: semantic map is 12x10 \(WxH\) but its image .* is 96x96"):
+        ds[0]
+    pan_path = os.path.join(ds.root, ds.records[1]["panoptic_file"])
+    Image.fromarray(np.zeros((96, 95, 3), dtype=np.uint8)).save(pan_path)
+    with pytest.raises(DataError, match=rf"{pan_path}: panoptic PNG is 95x96"):
+        ds[1]
+
+
+def test_training_images_are_read_as_a_viewer_shows_them(toy_dir, tmp_path):
+    """EXIF orientation applied and 16-bit images scaled, in training data as in the demo."""
+    prep = _copy_prepared(toy_dir, tmp_path)
+    ds = SegmentationDataset(prep, "val")
+    before = ds[0]
+    image_path = os.path.join(ds.root, ds.records[0]["file_name"])
+    rgb = before["image"].permute(1, 2, 0).numpy()
+    # The same picture stored turned a quarter (transposed), with the EXIF tag that turns it back.
+    stored = Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 0, 2)))
+    exif = stored.getexif()
+    exif[0x0112] = 5  # "transpose to view"
+    stored.save(image_path, format="PNG", exif=exif)
+    assert torch.equal(ds[0]["image"], before["image"])
+    # A 16-bit grayscale version of the picture: 8-bit values v stored as 257 v read back as v.
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))
+    Image.fromarray(gray.astype(np.uint16) * 257).save(image_path, format="PNG")
+    assert torch.equal(ds[0]["image"], torch.from_numpy(np.stack([gray] * 3)))

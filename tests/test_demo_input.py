@@ -1,8 +1,9 @@
 """Tests of the user-facing input handling in `demo.py`: image files of every mode, class lists.
 
 A user hands the demo whatever image they have (grayscale scans, RGBA screenshots, palette GIFs,
-16-bit medical PNGs) and a typed vocabulary; both must become a clean (H, W, 3) uint8 image and
-a list of distinct names, or stop with a message that names the file or the problem.
+16-bit PNGs, float TIFFs, phone photos with an EXIF orientation) and a typed vocabulary; both
+must become a clean (H, W, 3) uint8 image, as a viewer shows it, and a list of distinct names,
+or stop with a UserError (one line from the command) that names the file or the problem.
 """
 
 import importlib
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from freeseg.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -68,24 +71,49 @@ def test_palette_transparency_becomes_white(tmp_path):
     assert image[0, 0].tolist() == [255, 255, 255] and image[0, 1].tolist() == [40, 50, 60]
 
 
-def test_16_bit_png_is_rescaled_min_to_0_max_to_255(tmp_path):
-    deep = np.array([[1000, 1000, 33768], [65535, 17384, 50152]], dtype=np.uint16)
+def test_16_bit_png_is_scaled_over_the_full_16_bit_range(tmp_path):
+    # As a viewer shows it: 0 -> 0, 65535 -> 255, v -> v / 257 (PIL's own conversion clips at 255).
+    deep = np.array([[0, 1000, 33768], [65535, 17384, 50152]], dtype=np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")
     assert Image.open(tmp_path / "deep.png").mode in ("I;16", "I")  # PIL reads it back as 16-bit
     image = demo.read_image(str(tmp_path / "deep.png"))
     _check_rgb(image, 2, 3)
-    gray = image[..., 0]
-    assert gray[0, 0] == 0 and gray[0, 1] == 0 and gray[1, 0] == 255
-    # (v - 1000) / 64535 * 255 for the middle values, truncated or rounded
-    for (y, x), expected in {(0, 2): 129.48, (1, 1): 64.74, (1, 2): 194.22}.items():
-        assert abs(int(gray[y, x]) - expected) <= 1, (y, x, gray[y, x])
-    assert np.array_equal(image[..., 1], gray) and np.array_equal(image[..., 2], gray)
+    assert np.array_equal(image[..., 0], np.round(deep / 257).astype(np.uint8))
+    assert np.array_equal(image[..., 1], image[..., 0]) and np.array_equal(image[..., 2], image[..., 0])
 
 
-def test_constant_16_bit_image_does_not_divide_by_zero(tmp_path):
-    Image.fromarray(np.full((3, 3), 4000, dtype=np.uint16)).save(tmp_path / "flat.png")
+def test_constant_16_bit_image_keeps_its_level(tmp_path):
+    Image.fromarray(np.full((3, 3), 4112, dtype=np.uint16)).save(tmp_path / "flat.png")
     image = demo.read_image(str(tmp_path / "flat.png"))
-    assert np.all(image == 0)
+    assert np.all(image == 16)  # 4112 / 257
+
+
+def test_float_tiff_in_0_1_is_scaled_to_0_255(tmp_path):
+    values = np.array([[0.0, 0.25], [0.5, 1.0]], dtype=np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "float.tif")
+    image = demo.read_image(str(tmp_path / "float.tif"))
+    assert image[..., 0].tolist() == [[0, 64], [128, 255]]  # not the black image PIL's own convert gives
+
+
+@pytest.mark.parametrize("values", [[[-1.0, 0.5]], [[0.0, 300.0]], [[float("nan"), 1.0]]])
+def test_float_image_that_cannot_be_read_faithfully_is_refused(tmp_path, values):
+    Image.fromarray(np.array(values, dtype=np.float32), mode="F").save(tmp_path / "odd.tif")
+    with pytest.raises(UserError, match="odd.tif"):
+        demo.read_image(str(tmp_path / "odd.tif"))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # A 2x3 landscape picture stored with orientation 6 ("rotate 90 degrees clockwise to view"),
+    # as phones save portrait photos: shown and read as 3x2, its top-left pixel at the top right.
+    stored = np.zeros((2, 3, 3), dtype=np.uint8)
+    stored[0, 0] = (255, 0, 0)
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "phone.jpg", exif=exif, quality=100, subsampling=0)
+    image = demo.read_image(str(tmp_path / "phone.jpg"))
+    assert image.shape == (3, 2, 3)
+    assert image[0, 1, 0] > 200 and image[0, 1, 1] < 60 and image[0, 0, 0] < 60
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all", "truncated"])
@@ -95,12 +123,12 @@ def test_unreadable_image_exits_naming_the_file(tmp_path, content):
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
         content = path.read_bytes()[:300]
     path.write_bytes(content)
-    with pytest.raises(SystemExit, match="photo.png"):
+    with pytest.raises(UserError, match="photo.png"):
         demo.read_image(str(path))
 
 
 def test_missing_image_exits_naming_the_file(tmp_path):
-    with pytest.raises(SystemExit, match="missing.jpg"):
+    with pytest.raises(UserError, match="missing.jpg"):
         demo.read_image(str(tmp_path / "missing.jpg"))
 
 
@@ -123,7 +151,7 @@ def _bmp_with_absurd_width(path: Path) -> None:
 def test_corrupt_headers_exit_naming_the_file(tmp_path, corrupt):
     path = tmp_path / "broken.img"
     corrupt(path)
-    with pytest.raises(SystemExit, match="broken.img"):
+    with pytest.raises(UserError, match="broken.img"):
         demo.read_image(str(path))
 
 
@@ -137,16 +165,23 @@ def test_parse_classes_strips_spaces():
 
 @pytest.mark.parametrize("text", ["", "   ", ",", " , ,"])
 def test_parse_classes_rejects_an_empty_vocabulary(text):
-    with pytest.raises(SystemExit, match="--classes is empty"):
+    with pytest.raises(UserError, match="--classes is empty"):
         demo.parse_classes(text)
 
 
 def test_parse_classes_rejects_duplicates():
-    with pytest.raises(SystemExit, match="duplicates.*dog"):
+    with pytest.raises(UserError, match="duplicates.*dog"):
         demo.parse_classes("cat, dog, dog ")
+
+
+def test_parse_classes_reads_names_as_the_tokenizer_does():
+    # CLIP's tokenizer lower-cases and collapses spaces: these are one class typed three times.
+    with pytest.raises(UserError, match=r"'red star' / 'Red Star' / 'red  star' \(all read as 'red star'\)"):
+        demo.parse_classes("red star, Red Star, red  star, blue circle")
+    assert demo.parse_classes("Red Star, blue circle") == ["Red Star", "blue circle"]
 
 
 @pytest.mark.parametrize("text", ["+car, car", "cat, +"])
 def test_parse_classes_rejects_names_that_collide_after_the_thing_marker(text):
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError):
         demo.parse_classes(text)

@@ -6,6 +6,7 @@ import math
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -200,3 +201,41 @@ def test_atomic_write_json(tmp_path):
     with pytest.raises(ValueError):  # NaN is not JSON: the old file survives
         distributed.atomic_write_json({"a": math.nan}, path)
     assert json.loads(path.read_text()) == {"a": 1.5} and os.listdir(path.parent) == ["results.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_users_umask(tmp_path, umask):
+    """mkstemp creates its file 0600; the written file must get what a plain open would give."""
+    from freeseg.data.io import save_png_atomic
+
+    old = os.umask(umask)
+    try:
+        distributed.atomic_torch_save({"step": 1}, tmp_path / "c.pt")
+        distributed.atomic_write_json({"a": 1}, tmp_path / "r.json")
+        save_png_atomic(np.zeros((2, 2), dtype=np.uint8), str(tmp_path / "m.png"))
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    for name in ("c.pt", "r.json", "m.png", "plain"):
+        assert (os.stat(tmp_path / name).st_mode & 0o777) == 0o666 & ~umask, name
+
+
+def test_a_signal_during_an_atomic_write_leaves_nothing_behind(tmp_path):
+    """SIGTERM (turned into an exception by freeseg.errors.run_cli) or Ctrl-C while a checkpoint
+    is written: the previous file stays, the temporary one goes."""
+    import signal
+
+    from freeseg.errors import run_cli
+
+    path = tmp_path / "ckpt.pt"
+    distributed.atomic_torch_save({"step": 1}, path)
+
+    def stopped(argv):
+        with distributed.atomic_write(str(path), "wb") as f:  # as atomic_torch_save writes
+            f.write(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            f.write(b"never")
+    assert run_cli(stopped, [], prog="test") == 143
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path)["step"] == 1
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the command's handler is gone with it

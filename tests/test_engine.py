@@ -333,3 +333,95 @@ def test_keep_freed_memory_is_taken_by_glibc_and_tensors_still_work():
     for _ in range(3):
         x = (x * 2).sigmoid()
     assert torch.isfinite(x).all()
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning_naming_the_file(tmp_path, capsys):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"iter": 1, "loss": 1.0}\n{"iter": 2, "loss": 0.5}\n{"iter": 3, "lo')
+    engine.Logger(tmp_path, total_iters=5, start_iter=2).truncate_after(2)
+    assert f"warning: {log}: dropped its last line" in capsys.readouterr().err
+    assert [r["iter"] for r in _records(log)] == [1, 2]
+
+
+def test_a_damaged_line_inside_the_log_is_an_error_naming_file_and_line(tmp_path):
+    from freeseg.errors import UserError
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"iter": 1}\n{"iter": 2, "lo\n{"iter": 3}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl, line 2: not a JSON record"):
+        engine.Logger(tmp_path, total_iters=5, start_iter=3).truncate_after(3)
+    assert log.read_text().count("\n") == 3  # left as it was
+
+
+def test_check_finite_names_the_iteration_terms_and_last_checkpoint(tmp_path):
+    from freeseg.errors import TrainingDiverged
+
+    ckpt = tmp_path / "checkpoint.pt"
+    engine.check_finite(4, {"loss": torch.tensor(1.5), "loss_ce": torch.tensor(0.2)}, ckpt)  # finite: no error
+    with pytest.raises(TrainingDiverged, match=r"iteration 5: .*loss=nan, loss_dice=inf.*no checkpoint was saved"):
+        engine.check_finite(4, {"loss": torch.tensor(float("nan")), "loss_ce": torch.tensor(0.2),
+                                "loss_dice": torch.tensor(float("inf"))}, ckpt)
+    engine.save_checkpoint(ckpt, model={}, iteration=4)
+    with pytest.raises(TrainingDiverged, match=rf"the last checkpoint, {ckpt} \(iteration 4\), predates it"):
+        engine.check_finite(6, {"loss": torch.tensor(float("-inf"))}, ckpt)
+
+
+def _saved_run(tmp_path, train: TrainConfig) -> tuple:
+    from freeseg.config import Config, to_dict
+
+    torch.manual_seed(0)
+    net = _Net()
+    opt = engine.build_optimizer(net, train)
+    cfg = Config(train=train)
+    engine.save_checkpoint(tmp_path / "checkpoint.pt", model=net.state_dict(), optimizer=opt.state_dict(),
+                           iteration=3, rng=engine.rng_state(), config=to_dict(cfg))
+    return net, opt
+
+
+def test_resume_with_a_new_learning_rate_updates_the_optimizer_and_says_so(tmp_path, capsys):
+    import copy
+
+    from freeseg.config import Config
+
+    train = TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05, backbone_lr_mult=0.1)
+    _saved_run(tmp_path, train)
+    changed = copy.deepcopy(train)
+    changed.lr, changed.weight_decay = 2e-3, 0.01
+    net = _Net()
+    opt = engine.build_optimizer(net, changed)
+    assert engine.start_from(tmp_path, True, {"model": net}, opt, Config(train=changed)) == 3
+    groups = _group_of(opt)
+    assert groups[id(net.head.weight)]["initial_lr"] == pytest.approx(2e-3)
+    assert groups[id(net.backbone[0].weight)]["initial_lr"] == pytest.approx(2e-4)
+    assert groups[id(net.head.weight)]["weight_decay"] == 0.01 and groups[id(net.norm.weight)]["weight_decay"] == 0.0
+    out = capsys.readouterr().out
+    assert "train.lr 0.001 -> 0.002 (optimizer groups updated)" in out
+    assert "train.weight_decay 0.05 -> 0.01 (optimizer groups updated)" in out
+
+
+def test_resume_with_the_same_settings_changes_nothing(tmp_path, capsys):
+    from freeseg.config import Config
+
+    train = TrainConfig(optimizer="sgd", lr=0.02, weight_decay=1e-3, momentum=0.9)
+    _, saved = _saved_run(tmp_path, train)
+    net = _Net()
+    opt = engine.build_optimizer(net, train)
+    engine.start_from(tmp_path, True, {"model": net}, opt, Config(train=train))
+    assert opt.state_dict()["param_groups"] == saved.state_dict()["param_groups"]
+    assert "settings changed" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, value", [("optimizer", "sgd"), ("seed", 7)])
+def test_resume_refuses_what_cannot_change_mid_run(tmp_path, key, value):
+    import copy
+
+    from freeseg.config import Config
+    from freeseg.errors import ConfigError
+
+    train = TrainConfig(optimizer="adamw")
+    _saved_run(tmp_path, train)
+    changed = copy.deepcopy(train)
+    setattr(changed, key, value)
+    net = _Net()
+    with pytest.raises(ConfigError, match=rf"train.{key} .* cannot change in a resumed run"):
+        engine.start_from(tmp_path, True, {"model": net}, engine.build_optimizer(net, changed), Config(train=changed))

@@ -4,7 +4,9 @@ What they pin (issue 6):
 - both stages (prompt, all-task) run under `torchrun --nproc_per_node=2` on CPU;
 - 2 processes with 2 images each log the same losses as 1 process with 4 images (the global
   batch is `train.batch_size`, the data order a pure function of (seed, iteration));
-- a run SIGKILLed mid-way and resumed with `--resume` logs the curve of an uninterrupted run;
+- a run SIGKILLed mid-way, or stopped by SIGTERM or SIGINT while it writes a checkpoint, and
+  resumed with `--resume` logs the curve of an uninterrupted run and ends with its weights; the
+  stopped run leaves no temporary file and says why it stopped in one line;
 - the command-line entry points answer `--help`, and bad checkpoints give clear errors.
 
 Every run trains a tiny model on a 12-image toy world for 3-4 iterations. Everything the tests
@@ -53,6 +55,28 @@ engine.Logger.log = log_then_die
 train.main(sys.argv[1:])
 """
 
+# Runs train.py as its command line does (freeseg.errors.run_cli), except that the process sends
+# itself a signal while it writes the checkpoint of iteration STOP_AT, half of it written: the
+# moment where a stopped run could leave a temporary or half-written file behind.
+STOP_AT = 4
+SIGNALLED_TRAIN = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+from freeseg import distributed
+from freeseg.errors import run_cli
+import train
+
+save = distributed.torch.save
+def save_then_stop(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("iteration") == {STOP_AT}:
+        f.write(b"half a checkpoint")
+        os.kill(os.getpid(), getattr(signal, os.environ["STOP_SIGNAL"]))
+    return save(obj, f, *args, **kwargs)
+distributed.torch.save = save_then_stop
+sys.exit(run_cli(train.main, sys.argv[1:], prog="train.py"))
+"""
+
+
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -60,17 +84,18 @@ def _env() -> dict:
     return env
 
 
-def _run(cmd: list[str], cwd: Path, expect_rc: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+def _run(cmd: list[str], cwd: Path, expect_rc: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=600)
     assert result.returncode == expect_rc, (
         f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 
-def _train(args: list[str], cwd: Path, nproc: int = 1, script: list[str] | None = None, expect_rc: int = 0):
+def _train(args: list[str], cwd: Path, nproc: int = 1, script: list[str] | None = None, expect_rc: int = 0,
+           env: dict | None = None):
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return _run(launcher + (script or [TRAIN]) + args, cwd, expect_rc)
+    return _run(launcher + (script or [TRAIN]) + args, cwd, expect_rc, env)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -136,6 +161,23 @@ def killed_and_resumed(toy, prompt_runs) -> dict:
               "iteration": engine.load_checkpoint(root / "killed" / "checkpoint.pt")["iteration"]}
     resumed = _train(args + ["--resume"], root)
     return {"dir": root / "killed", "before": before, "stdout": killed.stdout + resumed.stdout}
+
+
+@pytest.fixture(scope="module", params=["SIGTERM", "SIGINT"])
+def signalled_and_resumed(request, toy, prompt_runs) -> dict:
+    """The run of `alltask_runs["one"]`, stopped by a signal while writing its iteration-4
+    checkpoint (its iteration-2 checkpoint written), then resumed."""
+    from freeseg import engine
+
+    root, name = toy["root"], request.param
+    args = _alltask_args(toy, prompt_runs, f"stopped_{name}")
+    status = 143 if name == "SIGTERM" else 130  # 128 + the signal's number, as a shell reports it
+    stopped = _train(args, root, script=["-c", SIGNALLED_TRAIN], expect_rc=status, env={"STOP_SIGNAL": name})
+    run_dir = root / f"stopped_{name}"
+    before = {"files": sorted(p.name for p in run_dir.iterdir()), "metrics": _metrics(run_dir),
+              "iteration": engine.load_checkpoint(run_dir / "checkpoint.pt")["iteration"]}
+    resumed = _train(args + ["--resume"], root)
+    return {"signal": name, "dir": run_dir, "before": before, "stderr": stopped.stderr, "stdout": resumed.stdout}
 
 
 # ---------------------------------------------------------------- torchrun on CPU
@@ -217,6 +259,32 @@ def test_same_command_twice_gives_the_same_losses(killed_and_resumed, alltask_ru
 def test_killed_and_resumed_run_matches_uninterrupted_run(killed_and_resumed, alltask_runs):
     keys = ["loss", "loss_ce", "loss_focal", "loss_dice", "lr"]
     _assert_same_curves(_metrics(killed_and_resumed["dir"]), _metrics(alltask_runs["one"]), keys, rtol=1e-5)
+    _assert_same_weights(killed_and_resumed["dir"], alltask_runs["one"])
+
+
+def _assert_same_weights(run_dir: Path, reference: Path) -> None:
+    got = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    want = torch.load(reference / "checkpoint.pt", weights_only=True)
+    assert got["iteration"] == want["iteration"]
+    for key, value in want["model"].items():
+        assert torch.equal(got["model"][key], value), key
+
+
+@pytest.mark.integration
+def test_signalled_run_stops_cleanly_and_resumes_to_the_same_weights(signalled_and_resumed, alltask_runs):
+    """SIGTERM (kill, torchrun, schedulers) and SIGINT (Ctrl-C) arriving while a checkpoint is
+    being written: one line, no temporary file, the previous checkpoint intact; resumed, the
+    run ends with the uninterrupted run's curve and weights."""
+    run, before = signalled_and_resumed, signalled_and_resumed["before"]
+    lines = [line for line in run["stderr"].splitlines() if line.strip()]
+    assert lines == [f"train.py: stopped by {run['signal']}{' (Ctrl-C)' if run['signal'] == 'SIGINT' else ''}; "
+                     "files being written were removed"], run["stderr"]
+    assert before["files"] == ["checkpoint.pt", "metrics.jsonl"]  # no .tmp-* file left behind
+    assert before["iteration"] == 2 and [r["iter"] for r in before["metrics"]] == [1, 2, 3, 4]
+    assert "resumed from" in run["stdout"] and "at iteration 2" in run["stdout"]
+    keys = ["loss", "loss_ce", "loss_focal", "loss_dice", "lr"]
+    _assert_same_curves(_metrics(run["dir"]), _metrics(alltask_runs["one"]), keys, rtol=1e-5)
+    _assert_same_weights(run["dir"], alltask_runs["one"])
 
 
 # ---------------------------------------------------------------- entry points and bad checkpoints
@@ -229,8 +297,8 @@ def test_scripts_answer_help(script, tmp_path):
 
 
 def test_evaluate_names_a_missing_checkpoint(tmp_path):
-    result = _run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", "missing.pt"], tmp_path, expect_rc=1)
-    assert "missing.pt" in result.stderr and "not found" in result.stderr
+    result = _run([sys.executable, str(REPO / "evaluate.py"), "--checkpoint", "missing.pt"], tmp_path, expect_rc=2)
+    assert result.stderr.strip() == "evaluate.py: error: checkpoint missing.pt not found"
 
 
 def test_checkpoint_of_another_model_size_is_a_clear_error(alltask_runs, tmp_path):
@@ -239,7 +307,7 @@ def test_checkpoint_of_another_model_size_is_a_clear_error(alltask_runs, tmp_pat
     path = alltask_runs["one"] / "checkpoint.pt"
     model, cfg, _ = load_model(path)
     assert cfg.model.decoder.num_queries == 5 and model.decoder.query_feat.weight.shape[0] == 5
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["config"]["model"]["decoder"]["num_queries"] = 7  # the weights still hold 5 queries
     edited = tmp_path / "edited.pt"
     torch.save(ckpt, edited)
@@ -257,17 +325,18 @@ def test_backbone_stage_writes_weights_the_alltask_stage_loads(tmp_path):
     cfg = get_preset("toy").model.backbone
     cfg.weights = str(tmp_path / "bb" / "resnet.pth")
     loaded = build_backbone(cfg)  # strict: every key of the toy ResNet, nothing else
-    state = torch.load(tmp_path / "bb" / "checkpoint.pt", weights_only=False)["model"]
+    state = torch.load(tmp_path / "bb" / "checkpoint.pt", weights_only=True)["model"]
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, state[f"backbone.{name}"]), name
-    result = _train(["--dataset", "coco", "--stage", "backbone"], tmp_path, expect_rc=1)
-    assert "ImageNet" in result.stderr
+    result = _train(["--dataset", "coco", "--stage", "backbone"], tmp_path, expect_rc=2)
+    assert "ImageNet" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_alltask_refuses_to_freeze_a_random_backbone(tmp_path):
     # The toy preset freezes its backbone, which must come from the backbone stage.
-    result = _train(["--dataset", "toy", "--stage", "alltask", "--output-dir", "a"], tmp_path, expect_rc=1)
+    result = _train(["--dataset", "toy", "--stage", "alltask", "--output-dir", "a"], tmp_path, expect_rc=2)
     assert "model.backbone.weights" in result.stderr and "freeze_at=5" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 def test_alltask_targets_line_up_with_masks_predicted_over_the_padded_input():

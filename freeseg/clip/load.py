@@ -1,21 +1,21 @@
 """Load a CLIP checkpoint into our model: `load(name_or_path) -> (model, preprocess)`.
 
 Accepted inputs:
-- an OpenAI TorchScript archive (the `.pt` files OpenAI publishes are TorchScript; we only take
-  their `state_dict()` and build our own module, so no TorchScript code runs);
+- an OpenAI TorchScript archive (the `.pt` files OpenAI publishes are TorchScript): its tensors
+  are read by `freeseg.serialization.read_torchscript_state_dict`, which neither runs the
+  archive's TorchScript nor unpickles anything but tensors and inert records of its modules;
+  we build our own module from them;
 - a plain state dict written by `torch.save`, or a dict holding it under "state_dict" or "model";
 - a known model name ("ViT-B/16", ...), downloaded and checked by `freeseg.weights`.
 
 The two file kinds are told apart by their zip entries (a TorchScript archive holds
 `constants.pkl` and `code/`), not by trying one loader and falling back on any error, so a
-corrupt file is reported as corrupt rather than as "the other kind".
+corrupt file is reported as corrupt rather than as "the other kind". Neither kind is ever
+fully unpickled: a file that would need it is refused (freeseg/serialization.py).
 
 Differences from OpenAI's `clip.load`: no `jit=True` path, and the model is always float32.
 """
 
-import pickle
-import warnings
-import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,30 +24,20 @@ from torchvision import transforms
 
 from freeseg import weights
 from freeseg.clip.model import CLIP, CLIP_MEAN, CLIP_STD, build_model, missing_clip_keys
-
-
-def _is_torchscript(path: Path) -> bool:
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+from freeseg.errors import CheckpointError, MissingFileError
+from freeseg.serialization import is_torchscript, load_torch_file, read_torchscript_state_dict
 
 
 def _read_state_dict(path: Path) -> dict:
     """The tensors of a TorchScript archive or of a `torch.save` file, on the CPU."""
-    try:
-        if zipfile.is_zipfile(path) and _is_torchscript(path):
-            with warnings.catch_warnings():
-                # torch deprecates TorchScript, but OpenAI publishes its weights in that format.
-                warnings.filterwarnings("ignore", category=FutureWarning)
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        # weights_only: a checkpoint is data; never run code from a downloaded pickle.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        raise RuntimeError(f"{path}: cannot read this checkpoint; is the file truncated or corrupt? ({e})") from e
+    if is_torchscript(path):
+        return read_torchscript_state_dict(path)
+    obj = load_torch_file(path, "CLIP checkpoint")
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, found a {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict, found a {type(obj).__name__}")
     return obj
 
 
@@ -75,11 +65,11 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu") -> tuple[
     else:
         path = Path(name_or_path)
         if not path.is_file():
-            raise FileNotFoundError(f"no CLIP checkpoint at {path} (known model names: {list(weights.CLIP_MODELS)})")
+            raise MissingFileError(f"no CLIP checkpoint at {path} (known model names: {list(weights.CLIP_MODELS)})")
     state_dict = _read_state_dict(path)
     missing = missing_clip_keys(state_dict)
     if missing:
         found = list(state_dict)[:5]
-        raise ValueError(f"{path} is not a CLIP checkpoint: missing keys {missing} (its first keys: {found})")
+        raise CheckpointError(f"{path} is not a CLIP checkpoint: missing keys {missing} (its first keys: {found})")
     model = build_model(state_dict).to(device)
     return model, preprocess_transform(model.input_resolution)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from freeseg.data.io import DataError, load_json, read_image, rgb_to_id
+from freeseg.data.io import DataError, load_json, read_image, read_rgb_image, rgb_to_id
 
 IGNORE = 255
 
@@ -40,6 +40,14 @@ def _data_root(prepared_dir: str) -> str:
 
 def _panoptic_ids(path: str) -> np.ndarray:
     return rgb_to_id(read_image(path, "RGB"))
+
+
+def _same_size(image: np.ndarray, target: np.ndarray, target_path: str, what: str, image_path: str) -> None:
+    """A ground-truth map must cover its image pixel for pixel: one of another size (replaced
+    after prepare_data.py checked it, say) would be scored against the wrong pixels."""
+    if image.shape[:2] != target.shape[:2]:
+        raise DataError(f"{target_path}: {what} is {target.shape[1]}x{target.shape[0]} (WxH) but its image "
+                        f"{image_path} is {image.shape[1]}x{image.shape[0]}")
 
 
 class SegmentationDataset(Dataset):
@@ -62,19 +70,23 @@ class SegmentationDataset(Dataset):
             raise DataError(f"missing {what}: {path} (re-run prepare_data.py)")
         return path
 
-    def _sem_seg(self, record: dict) -> np.ndarray:
+    def _sem_seg_path(self, record: dict) -> str:
         if not self.base:
-            return read_image(self._path(record["sem_seg_file"], "semantic map"))
+            return self._path(record["sem_seg_file"], "semantic map")
         name = os.path.basename(record["sem_seg_file"])
         rel = os.path.join(os.path.relpath(self.prepared_dir, self.root), "sem_seg", f"{self.split}_base", name)
-        return read_image(self._path(rel, f"base-split semantic map (split {self.split!r})"))
+        return self._path(rel, f"base-split semantic map (split {self.split!r})")
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        image = read_image(self._path(record["file_name"], "image"), "RGB")  # (H, W, 3)
-        sem = self._sem_seg(record)  # (H, W) uint8
+        image_path, sem_path = self._path(record["file_name"], "image"), self._sem_seg_path(record)
+        image = read_rgb_image(image_path)  # (H, W, 3)
+        sem = read_image(sem_path)  # (H, W) uint8
+        _same_size(image, sem, sem_path, "semantic map", image_path)
         if record.get("panoptic_file"):
-            pan = _panoptic_ids(self._path(record["panoptic_file"], "panoptic PNG"))
+            pan_path = self._path(record["panoptic_file"], "panoptic PNG")
+            pan = _panoptic_ids(pan_path)
+            _same_size(image, pan, pan_path, "panoptic PNG", image_path)
             segs = [s for s in record["segments"]
                     if not s["iscrowd"] and (not self.base or self.seen[s["category_id"]])]
             masks = [pan == s["id"] for s in segs]
@@ -124,11 +136,17 @@ class SegmentCropDataset(Dataset):
 
         entry = self.index[index]
         record = self.records[entry["image_id"]]
-        image = read_image(os.path.join(self.root, record["file_name"]), "RGB")
+        image_path = os.path.join(self.root, record["file_name"])
+        image = read_rgb_image(image_path)
+        target = os.path.join(self.root, record.get("panoptic_file") or record["sem_seg_file"])
         if record.get("panoptic_file"):
-            mask = _panoptic_ids(os.path.join(self.root, record["panoptic_file"])) == entry["segment_id"]
+            ids = _panoptic_ids(target)
+            _same_size(image, ids, target, "panoptic PNG", image_path)
+            mask = ids == entry["segment_id"]
         else:  # semantic-only datasets: the segment is the whole class region
-            mask = read_image(os.path.join(self.root, record["sem_seg_file"])) == entry["category_id"]
+            sem = read_image(target)
+            _same_size(image, sem, target, "semantic map", image_path)
+            mask = sem == entry["category_id"]
         if not mask.any():
             raise DataError(f"segment {entry['segment_id']} of image {record['file_name']} is empty in the "
                             f"prepared annotation (stale segments index? re-run prepare_data.py --force)")

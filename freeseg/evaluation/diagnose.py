@@ -128,4 +128,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from freeseg.errors import run_cli
+
+    sys.exit(run_cli(main, prog="python -m freeseg.evaluation.diagnose"))

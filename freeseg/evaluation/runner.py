@@ -27,8 +27,9 @@ import torch
 from PIL import Image, ImageOps
 
 from freeseg import distributed as dist
-from freeseg.config import Config, InferenceConfig, apply_overrides, from_dict
-from freeseg.data.io import rgb_to_id
+from freeseg.config import Config, InferenceConfig, apply_overrides, from_dict, validate
+from freeseg.data.io import DataError, rgb_to_id
+from freeseg.errors import CheckpointError, ConfigError, UserError
 from freeseg.evaluation.instance import InstanceEvaluator
 from freeseg.evaluation.panoptic import PanopticEvaluator
 from freeseg.evaluation.report import format_table, results_json, write_results
@@ -38,15 +39,16 @@ from freeseg.evaluation.semantic import SemanticEvaluator
 def load_model(path: str | Path, device: str = "cpu"):
     """(model, cfg, tokenizer) from an all-task checkpoint written by train.py."""
     from freeseg import clip
-    from freeseg.engine import load_checkpoint, tokenizer_for
+    from freeseg.engine import load_checkpoint, mismatch, tokenizer_for
     from freeseg.modeling.freeseg import build_freeseg
 
     ckpt = load_checkpoint(path)
     if "config" not in ckpt:
-        raise ValueError(f"checkpoint {path} has no config: convert official checkpoints first")
+        raise CheckpointError(f"checkpoint {path} has no config: convert official checkpoints first")
     cfg = from_dict(ckpt["config"], Config)
     if cfg.train.stage != "alltask":
-        raise ValueError(f"checkpoint {path} is from the {cfg.train.stage!r} stage, not a FreeSeg model")
+        raise CheckpointError(f"checkpoint {path} is from the {cfg.train.stage!r} stage, not a FreeSeg model "
+                              "(an all-task checkpoint)")
     state = ckpt["model"]
     clip_state = {k[len("clip_model."):]: v for k, v in state.items() if k.startswith("clip_model.")}
     clip_model = clip.build_model(clip_state)
@@ -56,8 +58,8 @@ def load_model(path: str | Path, device: str = "cpu"):
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"checkpoint {path} does not fit the model its config describes "
-                         f"(another model size?): {err}") from err
+        raise CheckpointError(f"checkpoint {path} does not fit the model its config describes "
+                              f"(another model size?): {mismatch(err)}") from None
     return model.to(device).eval(), cfg, tokenizer
 
 
@@ -103,7 +105,7 @@ def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: 
     records = dataset.records
     if "panoptic" in tasks or "instance" in tasks:
         if any(r.get("panoptic_file") is None for r in records):
-            raise ValueError(f"{prep}: {split} has no panoptic annotations; evaluate with --tasks semantic")
+            raise DataError(f"{prep}: {split} has no panoptic annotations; evaluate with --tasks semantic")
     resize = TestResize(cfg.data.test_short_side)
     count = len(records) if max_images is None else min(max_images, len(records))
     seen = torch.tensor([bool(c["seen"]) for c in cats])
@@ -189,9 +191,10 @@ def apply_inference_overrides(cfg: Config, overrides: list[str] | None) -> None:
     change after training (inference.*, data.test_short_side)."""
     for item in overrides or []:
         if not item.startswith(("inference.", "data.test_short_side")):
-            raise ValueError(f"evaluation override {item!r}: only inference.* and data.test_short_side "
-                             "can change after training")
+            raise ConfigError(f"evaluation override {item!r}: only inference.* and data.test_short_side "
+                              "can change after training")
     apply_overrides(cfg, list(overrides or []))
+    validate(cfg, prefixes=("inference.", "data.test_short_side"))
 
 
 def evaluate_checkpoint(path: str | Path, out: str | Path | None = None, data_root: str | None = None,
@@ -213,7 +216,9 @@ def evaluate_checkpoint(path: str | Path, out: str | Path | None = None, data_ro
     tasks = tuple(tasks or (t for t in cfg.inference.tasks if t in category_sets[dataset]))
     unknown = [t for t in tasks if t not in category_sets[dataset]]
     if unknown:
-        raise ValueError(f"dataset {dataset!r} has no ground truth for {unknown}")
+        raise ConfigError(f"dataset {dataset!r} has no ground truth for {unknown}")
+    if out is not None and (root / "freeseg").resolve() in Path(out).resolve().parents:
+        raise UserError(f"--out {out} is inside the prepared data {root / 'freeseg'}: choose another path")
     variants = ablation_variants(cfg.inference, ablation, ttpt)
     # Each task is scored on its own category set (COCO: panoptic PQ on the 133 panoptic classes).
     by_set: dict[str, list[str]] = {}

@@ -21,7 +21,6 @@ count changes (torchvision's rule; detectron2 adds one only on a channel change,
 same layers for every depth here); no deformable convs, groups or SyncBN.
 """
 
-import pickle
 import re
 
 import torch
@@ -29,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from freeseg.config import BackboneConfig
+from freeseg.errors import CheckpointError
+from freeseg.serialization import load_torch_file, read_numpy_pickle
 
 STAGES = ("res2", "res3", "res4", "res5")
 # Residual blocks per stage (He et al. 2016, Table 1); 18/34 use BasicBlock, 50/101 Bottleneck.
@@ -291,11 +292,10 @@ def load_detectron2_resnet(model: ResNet, path: str) -> None:
     "backbone." prefix. Classifier keys (anything outside stem.* / res*) are skipped; any other
     unknown key, missing key or shape mismatch raises a ValueError naming the keys and the file.
     """
-    with open(path, "rb") as f:
-        data = pickle.load(f, encoding="latin1")  # latin1: pickles written by Python 2 numpy
+    data = read_numpy_pickle(path, "backbone weights")  # NumPy arrays only: never runs code from the file
     weights = data.get("model", data) if isinstance(data, dict) else None
     if not isinstance(weights, dict) or "blobs" in weights:
-        raise ValueError(f"{path}: not a detectron2 checkpoint (expected a pickled dict with a 'model' dict)")
+        raise CheckpointError(f"{path}: not a detectron2 checkpoint (expected a pickled dict with a 'model' dict)")
     ours = model.state_dict()
     state, unknown = {}, []
     for name, array in weights.items():
@@ -310,17 +310,25 @@ def load_detectron2_resnet(model: ResNet, path: str) -> None:
     missing = [k for k in ours if k not in state and not k.endswith("num_batches_tracked")]
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in state.items() if v.shape != ours[k].shape]
     if unknown or missing or wrong:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: does not fit ResNet(stem={model.stem_type!r}): unknown keys {unknown[:8]}, "
             f"missing keys {missing[:8]}, shape mismatches {wrong[:8]}"
         )
     model.load_state_dict(state, strict=False)  # strictness checked above (num_batches_tracked aside)
 
 
-def load_torchvision_resnet(model: ResNet, state_dict: dict[str, Tensor]) -> None:
+def load_torchvision_resnet(model: ResNet, state_dict: dict[str, Tensor], path: str = "state dict") -> None:
     """Load a torchvision ResNet state dict strictly, minus its ImageNet classifier (`fc.*`)."""
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"backbone weights {path}: expected a ResNet state dict, found a {type(state_dict).__name__}")
     state = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        from freeseg.engine import mismatch
+
+        raise CheckpointError(f"backbone weights {path} do not fit this ResNet (model.backbone.*): "
+                              f"{mismatch(err)}") from None
 
 
 def build_backbone(cfg: BackboneConfig) -> ResNet:
@@ -338,5 +346,5 @@ def build_backbone(cfg: BackboneConfig) -> ResNet:
     if cfg.weights.endswith(".pkl"):
         load_detectron2_resnet(model, cfg.weights)
     elif cfg.weights:
-        load_torchvision_resnet(model, torch.load(cfg.weights, map_location="cpu", weights_only=True))
+        load_torchvision_resnet(model, load_torch_file(cfg.weights, "backbone weights"), cfg.weights)
     return model

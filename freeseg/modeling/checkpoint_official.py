@@ -31,8 +31,8 @@ Usage:
 
 import argparse
 import copy
-import pickle
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +41,10 @@ from torch import Tensor
 
 from freeseg.clip import CLIP_MEAN, CLIP_STD
 from freeseg.config import Config, apply_overrides, to_dict
+from freeseg.errors import CheckpointError, ConfigError, run_cli
 from freeseg.presets import get_preset
 from freeseg.modeling.backbone import detectron2_to_torchvision_name
+from freeseg.serialization import load_torch_file, read_numpy_pickle, trust_files
 
 OFFICIAL_RENAMES: list[tuple[str, str]] = [
     # ---- backbone: prefix only here; detectron2 -> torchvision names in backbone.py (DeepLab stem).
@@ -184,13 +186,16 @@ def official_model_config(state: dict, official_config: str | None = None, base:
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in state:
-            raise ValueError(f"official checkpoint: no {key}, so the model's size cannot be read from it")
+            raise CheckpointError(f"official checkpoint: no {key}, so the model's size cannot be read from it")
         return tuple(state[key].shape)
 
     m = cfg.model
+    if not any(k.startswith("backbone.res2.") for k in state):
+        raise CheckpointError("official checkpoint: no backbone.res2.* weights, so not an official FreeSeg model "
+                              "(a checkpoint of ours needs no conversion)")
     blocks = tuple(_count(state, f"backbone.res{i}.") for i in range(2, 6))
     if blocks not in RESNET_DEPTHS:
-        raise ValueError(f"official checkpoint: ResNet blocks per stage {blocks} are not one of "
+        raise CheckpointError(f"official checkpoint: ResNet blocks per stage {blocks} are not one of "
                          f"{sorted(RESNET_DEPTHS)} (ResNet-50/101 with bottleneck blocks)")
     m.backbone.depth = RESNET_DEPTHS[blocks]
     m.backbone.stem = "deeplab" if "backbone.stem.conv2.weight" in state else "basic"
@@ -227,7 +232,7 @@ def official_model_config(state: dict, official_config: str | None = None, base:
     rows = shape(pd + "transformer.encoder.layers.0.self_attn.attention_weights.weight")[0]
     levels = shape(pd + "transformer.level_embed")[0]
     if rows % (m.pixel_decoder.num_heads * levels):
-        raise ValueError(f"official checkpoint: {rows} deformable attention weights do not split into "
+        raise CheckpointError(f"official checkpoint: {rows} deformable attention weights do not split into "
                          f"{m.pixel_decoder.num_heads} heads (MODEL.MASK_FORMER.NHEADS) x {levels} levels")
     m.pixel_decoder.num_points = rows // (m.pixel_decoder.num_heads * levels)
     return cfg
@@ -261,7 +266,7 @@ def convert_official_state_dict(state_dict: dict[str, Tensor]) -> tuple[dict[str
             unmapped.append(name)
             continue
         if new in converted:
-            raise ValueError(f"official checkpoint: two keys map to {new!r} (check OFFICIAL_RENAMES)")
+            raise CheckpointError(f"official checkpoint: two keys map to {new!r} (check OFFICIAL_RENAMES)")
         value = _tensor(value)
         converted[new] = value.float() if value.is_floating_point() else value
     return converted, unmapped
@@ -270,19 +275,19 @@ def convert_official_state_dict(state_dict: dict[str, Tensor]) -> tuple[dict[str
 def read_official_checkpoint(path: str | Path) -> dict:
     """The model state dict of a detectron2-style checkpoint: a torch file (.pth) or a pickle
     (.pkl, numpy arrays) holding {"model": state_dict, ...} or the bare state dict.
-    Only open files you trust: both formats are pickles."""
+
+    Both formats are pickles, which can run code while they are read; they are read without
+    it: tensors, NumPy arrays and plain containers only (freeseg/serialization.py). A file that
+    holds anything else is refused, naming it, unless files are trusted (--trust-checkpoint).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"official checkpoint {path} does not exist")
     if path.suffix == ".pkl":
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")  # latin1: pickles written by Python 2 numpy
+        data = read_numpy_pickle(path, "official checkpoint")
     else:
-        # weights_only=False: detectron2 checkpoints also hold optimizer/scheduler state objects.
-        data = torch.load(path, map_location="cpu", weights_only=False)
+        data = load_torch_file(path, "official checkpoint")
     state = data.get("model", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise ValueError(f"official checkpoint {path}: expected {{'model': state_dict}} or a state dict")
+        raise CheckpointError(f"official checkpoint {path}: expected {{'model': state_dict}} or a state dict")
     return state
 
 
@@ -293,7 +298,7 @@ def check_constants(state_dict: dict) -> None:
             continue  # reported as missing by `convert_official_checkpoint`
         value = _tensor(state_dict[name]).float().flatten()
         if not torch.allclose(value, torch.tensor(expected), atol=1e-3):
-            raise ValueError(f"official checkpoint: {name} = {value.tolist()}, expected CLIP's {list(expected)}; "
+            raise CheckpointError(f"official checkpoint: {name} = {value.tolist()}, expected CLIP's {list(expected)}; "
                              "a model trained with other constants cannot be represented here")
 
 
@@ -330,7 +335,7 @@ def convert_official_checkpoint(source: str | Path | dict, cfg: Config | None = 
     Every official key is either renamed or in SKIPPED; every key of our model (built from `cfg`,
     default `official_model_config` of the checkpoint and `official_config`, the YAML text of its
     official config, or the "config" string of a `source` dict) is filled, with the right shape.
-    Anything else raises a ValueError that lists the keys. The report is JSON-serialisable.
+    Anything else raises a CheckpointError that lists the keys. The report is JSON-serialisable.
     """
     state = read_official_checkpoint(source) if isinstance(source, (str, Path)) else source.get("model", source)
     if cfg is None:
@@ -341,7 +346,7 @@ def convert_official_checkpoint(source: str | Path | dict, cfg: Config | None = 
     where = "official checkpoint" if isinstance(source, dict) else f"official checkpoint {source}"
     unknown = sorted(set(unmapped) - set(SKIPPED))
     if unknown:
-        raise ValueError(f"{where}: {len(unknown)} keys have no rule in OFFICIAL_RENAMES or SKIPPED: {unknown}")
+        raise CheckpointError(f"{where}: {len(unknown)} keys have no rule in OFFICIAL_RENAMES or SKIPPED: {unknown}")
     clip_shapes = {k[len("clip_model."):]: v.shape for k, v in converted.items() if k.startswith("clip_model.")}
     expected = expected_state_shapes(cfg, clip_shapes)
     missing = sorted(set(expected) - set(converted))
@@ -350,7 +355,7 @@ def convert_official_checkpoint(source: str | Path | dict, cfg: Config | None = 
     wrong = sorted(f"{k}: {tuple(converted[k].shape)} vs ours {tuple(s)}"
                    for k, s in expected.items() if k in converted and converted[k].shape != s)
     if missing or extra or wrong:
-        raise ValueError(f"{where} does not fit our FreeSeg model of this config: "
+        raise CheckpointError(f"{where} does not fit our FreeSeg model of this config: "
                          f"missing {missing}, unexpected {extra}, shape mismatches {wrong}")
     empty_weight = state.get("criterion.empty_weight")
     empty_weight = None if empty_weight is None else _tensor(empty_weight)
@@ -371,21 +376,28 @@ def convert_official_checkpoint(source: str | Path | dict, cfg: Config | None = 
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI: convert IN (official .pth/.pkl) to OUT, a checkpoint `evaluate.py --checkpoint OUT` loads."""
+    from freeseg.data.io import check_output_file, read_text_file
     from freeseg.distributed import atomic_torch_save
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="official FreeSeg checkpoint (model_final.pth or .pkl)")
-    parser.add_argument("out", help="where to write our checkpoint")
+    parser.add_argument("out", help="where to write our checkpoint (.pt or .pth)")
     parser.add_argument("--preset", default="coco",
                         help="config preset for what the checkpoint cannot tell: dataset, training (default: coco)")
     parser.add_argument("--official-config", default=None,
                         help="the official run's config.yaml (cfg.dump()): heads, dilations, thresholds; "
                              "default: the official full-size values")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle SOURCE fully even if it holds more than weights: only for a file you trust, "
+                             "as unpickling can run code hidden in it")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    trust_files(args.trust_checkpoint)
     base = get_preset(args.preset)
     if base.train.stage != "alltask":
-        raise SystemExit(f"--preset {args.preset}: an official FreeSeg model needs an all-task preset")
-    official_config = Path(args.official_config).read_text() if args.official_config else None
+        raise ConfigError(f"--preset {args.preset}: an official FreeSeg model needs an all-task preset")
+    check_output_file(args.out, "converted checkpoint", (".pt", ".pth"), inputs=(args.source,))
+    official_config = read_text_file(args.official_config, "--official-config") if args.official_config else None
     official = read_official_checkpoint(args.source)
     cfg = official_model_config(official, official_config, base)
     state, report = convert_official_checkpoint(official, cfg)
@@ -399,4 +411,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="python -m freeseg.modeling.checkpoint_official"))

@@ -184,7 +184,9 @@ def load_prompts(learner: PromptLearner, path: str | Path) -> None:
     Accepts a plain state dict or a checkpoint dict with a "model" entry; keys may carry any
     prefix (e.g. "prompt_learner.prefix_prompt" or the official "clip_adapter.prompt_learner.").
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from freeseg.serialization import load_torch_file
+
+    ckpt = load_torch_file(path, "prompt checkpoint")  # tensors only: never runs code from the file
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"load_prompts: {path} holds no state dict")
