@@ -246,6 +246,10 @@ class TrainConfig:
     # (official), or "segments", the panoptic task's segments (things one mask per instance)
     # with the semantic prompt kept. The toy world uses "segments" (train.py, docs/toy_experiments.md).
     semantic_targets: str = "classes"
+    # The tasks a stage draws its iterations from, one uniformly at random per iteration
+    # (FreeSeg: all three). One task trains a task-specific model, the baseline of the paper's
+    # ablation of all-task training (freeseg/ablations.py).
+    tasks: tuple[str, ...] = ("semantic", "instance", "panoptic")
     amp: bool = True  # mixed precision, GPU only
     log_every: int = 20
     eval_every: int = 5000
