@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,8 @@ VARIANTS = (
 BY_NAME = {v.name: v for v in VARIANTS}
 # Seconds per unit until this machine has measured its own (timings.jsonl): the toy pipeline's
 # speeds under two ranks on the 2-core machine (README): CLIP 12.3 steps/s, backbone 33.6,
-# prompts 23.7, all-task 7.64; its evaluation of 3 rows x 3 tasks x 200 images took about 92 s.
+# prompts 23.7, all-task 7.64; its evaluation of 3 rows x 3 tasks x 200 images took about 92 s
+# (docs/toy_experiments.md).
 DEFAULT_RATES = {"clip": 1 / 12.3, "backbone": 1 / 33.6, "prompt": 1 / 23.7, "alltask": 1 / 7.64,
                  "eval": 92 / (3 * 3 * 200)}
 PATH_KEYS = (("data", "root"), ("model", "clip", "name"), ("model", "backbone", "weights"))
@@ -80,7 +82,7 @@ PATH_KEYS = (("data", "root"), ("model", "clip", "name"), ("model", "backbone", 
 
 @dataclasses.dataclass
 class Step:
-    """One unit of work: `units` iterations or image x task x row evaluations, at `rate` s each."""
+    """Work still to do: `units` iterations to train, or images x tasks x rows to score."""
     name: str
     kind: str  # a key of DEFAULT_RATES
     units: int
@@ -91,20 +93,18 @@ class Step:
 # ---------------------------------------------------------------- configs and reuse
 
 
-def finished(ckpt: Path, iterations: int) -> bool:
-    return ckpt.exists() and engine.load_checkpoint(ckpt)["iteration"] >= iterations
-
-
 def iteration_of(ckpt: Path) -> int:
+    """Iterations a stage's checkpoint holds (0 if there is none)."""
     return engine.load_checkpoint(ckpt)["iteration"] if ckpt.exists() else 0
 
 
-def check_same_recipe(ckpt: Path, cfg: C.Config) -> None:
+def check_same_recipe(ckpt: Path, cfg: C.Config) -> int:
     """Stop if the stored run at `ckpt` was made with another config than `cfg` (paths aside:
-    a run directory may be copied elsewhere)."""
+    a run directory may be copied elsewhere). -> the iterations it holds (0 if none)."""
     if not ckpt.exists():
-        return
-    stored = C.to_dict(C.from_dict(engine.load_checkpoint(ckpt)["config"]))  # fields added since: defaults
+        return 0
+    ckpt_data = engine.load_checkpoint(ckpt)
+    stored = C.to_dict(C.from_dict(ckpt_data["config"]))  # fields added since it was written: defaults
     wanted = C.to_dict(cfg)
     for keys in PATH_KEYS:
         for d in (stored, wanted):
@@ -116,6 +116,7 @@ def check_same_recipe(ckpt: Path, cfg: C.Config) -> None:
     if diff:
         raise SystemExit(f"{ckpt}: made with another config ({diff}); delete {ckpt.parent} or use another "
                          "--output-dir")
+    return ckpt_data["iteration"]
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
@@ -160,36 +161,36 @@ def plan(args, train, targs, run: Path, root: Path) -> list[Step]:
     """Every step still to do, in order: the shared stages, the own prompt stage, then seed by
     seed (a partial run leaves whole seeds behind) each variant's training and evaluation."""
     steps = []
-    for stage in ("clip", "backbone", "prompt"):
+    for stage in ("clip", "backbone", "prompt"):  # reused as train.toy_stage reuses them
         cfg = train.toy_config(targs, run, stage)
-        ckpt = run / stage / "checkpoint.pt"
-        if not finished(ckpt, cfg.train.iterations):
-            steps.append(Step(f"{stage} stage", stage, cfg.train.iterations - iteration_of(ckpt),
+        done = iteration_of(run / stage / "checkpoint.pt")
+        if done < cfg.train.iterations:
+            steps.append(Step(f"{stage} stage", stage, cfg.train.iterations - done,
                               lambda s=stage: train.toy_stage(targs, run, s)))
     variants = [BY_NAME[name] for name in args.variants]
     prompt_dir = run / "ablations" / "no_task_prompt" / "prompt"
     if any(v.prompt == "own" for v in variants):
         cfg = own_prompt_config(train, targs, run)
-        check_same_recipe(prompt_dir / "checkpoint.pt", cfg)
-        if not finished(prompt_dir / "checkpoint.pt", cfg.train.iterations):
-            steps.append(Step("prompt stage without task prompts", "prompt",
-                              cfg.train.iterations - iteration_of(prompt_dir / "checkpoint.pt"),
+        done = check_same_recipe(prompt_dir / "checkpoint.pt", cfg)
+        if done < cfg.train.iterations:
+            steps.append(Step("prompt stage without task prompts", "prompt", cfg.train.iterations - done,
                               lambda c=cfg: train.train_toy_stage(c, "prompt", prompt_dir)))
-    val_images = len(load_json(root / "freeseg" / "toy" / "val.json"))
-    val_images = min(val_images, args.max_images or val_images)
+    records = load_json(root / "freeseg" / "toy" / "val.json")
+    if records is None:
+        raise SystemExit(f"{root / 'freeseg' / 'toy' / 'val.json'} is missing: prepare_data.py --dataset toy "
+                         f"--data-root {root}")
+    val_images = min(len(records), args.max_images or len(records))
     for seed in args.seeds:
         for v in variants:
             cfg = variant_config(train, targs, run, v, seed)
             out = run / "ablations" / v.name / f"seed{seed}"
-            ckpt = out / "checkpoint.pt"
-            check_same_recipe(ckpt, cfg)
+            done = check_same_recipe(out / "checkpoint.pt", cfg)
             init = {"shared": run / "prompt" / "checkpoint.pt", "own": prompt_dir / "checkpoint.pt"}.get(v.prompt)
-            if not finished(ckpt, cfg.train.iterations):
-                steps.append(Step(f"train {v.name} seed {seed}", "alltask", cfg.train.iterations - iteration_of(ckpt),
+            if done < cfg.train.iterations:
+                steps.append(Step(f"train {v.name} seed {seed}", "alltask", cfg.train.iterations - done,
                                   lambda c=cfg, o=out, i=init: train.train_toy_stage(
                                       c, "alltask", o, str(i) if i else None), v.name))
-            if not (finished(ckpt, cfg.train.iterations)
-                    and evaluated(out, v, cfg.train.iterations, args.max_images)):
+            if done < cfg.train.iterations or not evaluated(out, v, cfg.train.iterations, args.max_images):
                 steps.append(Step(f"evaluate {v.name} seed {seed}", "eval", val_images * len(v.tasks) * len(v.rows),
                                   lambda v=v, o=out, c=cfg: evaluate_run(args, root, v, o, c), v.name))
     return steps
@@ -295,7 +296,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     run = Path(args.output_dir)
     if args.report_only:
-        if dist.is_main():
+        if os.environ.get("RANK", "0") == "0":  # under torchrun too, without a process group
             write_report(run, Path(args.report), args.seeds)
         return
     train = train_module()
