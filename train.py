@@ -156,6 +156,16 @@ def seen_vocabulary(prep: Path):
     return [cats[i]["name"] for i in seen_ids], remap
 
 
+def draw_task(tasks: tuple[str, ...], seed: int, it: int) -> str:
+    """The task of iteration `it`, drawn uniformly from `tasks` (TrainConfig.tasks) by a
+    generator seeded with (seed, it): the same on every rank, and after a resume. With the
+    three tasks in their usual order it is the draw the stages always made."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown or len(set(tasks)) != len(tasks):
+        raise ValueError(f"train.tasks must name each of {', '.join(TASKS)} at most once, got {tasks!r}")
+    return tasks[np.random.default_rng([seed, it]).integers(len(tasks))]
+
+
 # ---------------------------------------------------------------- stage 1: prompts
 
 
@@ -166,6 +176,7 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
     from freeseg.modeling.prompts import build_prompts
     from freeseg.modeling.region_classifier import clip_logit_scale
 
+    draw_task(cfg.train.tasks, cfg.train.seed, 0)  # a bad task list fails before any work
     device = dist.init_distributed()[3]
     engine.seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
     clip_model, tokenizer = engine.load_clip(cfg.model.clip.name, device)
@@ -187,7 +198,7 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
         engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
         images = torch.stack([b[0] for b in batch]).to(device)  # (B, 3, R, R) in 0-255
         labels = remap[torch.tensor([b[1] for b in batch])].to(device)  # (B,) seen-class index
-        task = TASKS[np.random.default_rng([cfg.train.seed, it]).integers(len(TASKS))]
+        task = draw_task(cfg.train.tasks, cfg.train.seed, it)
         with torch.no_grad():
             image_features = F.normalize(clip_model.encode_image(normalize_pixels(images)), dim=-1)  # (B, E)
         text_features = prompts(names, task)  # (K, E), normalised
@@ -246,6 +257,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
                          "initialised layers: set model.backbone.weights (toy world: runs/toy/backbone/resnet.pth "
                          "from `train.py --dataset toy --stage backbone`)")
     target_task("semantic", cfg.train.semantic_targets)  # a bad value fails before any work
+    draw_task(cfg.train.tasks, cfg.train.seed, 0)
     device = dist.init_distributed()[3]
     engine.seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
     clip_model, tokenizer = engine.load_clip(cfg.model.clip.name)
@@ -275,7 +287,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
 
     for it, samples in enumerate(loader, start):
         engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
-        task = TASKS[np.random.default_rng([cfg.train.seed, it]).integers(len(TASKS))]  # same on every rank
+        task = draw_task(cfg.train.tasks, cfg.train.seed, it)  # same on every rank
         images = torch.stack([s["image"] for s in samples]).to(device).float()  # (B, 3, H, W) 0-255
         targets = alltask_targets(samples, target_task(task, cfg.train.semantic_targets), remap,
                                   model.padded_size(images.shape[-2:]), device)
@@ -308,6 +320,54 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
 # ---------------------------------------------------------------- the miniature world, end to end
 
 
+def toy_config(args, run: Path, stage: str, cfg: C.Config | None = None) -> C.Config:
+    """A toy stage's config (`cfg`, default `resolve_config`), reading the tiny CLIP and the
+    backbone from the pipeline's run directory `run` (runs/toy)."""
+    cfg = cfg if cfg is not None else resolve_config(args, stage)
+    if stage in ("prompt", "alltask"):
+        cfg.model.clip.name = str(run / "clip" / "checkpoint.pt")
+    if stage == "alltask" and not cfg.model.backbone.weights:
+        cfg.model.backbone.weights = str(run / "backbone" / "resnet.pth")
+    return cfg
+
+
+def train_toy_stage(cfg: C.Config, stage: str, out_dir: Path, init: str | None = None) -> None:
+    """Train a toy stage into `out_dir`, continuing from its checkpoint if it has one; every rank calls it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The tiny CLIP and the backbone learn from batches of 64 small images, which one process
+    # with every core trains faster than one rank per core; the CLIP's image tower also
+    # normalises over the whole batch (BatchNorm), so its batch must not be split
+    # (docs/toy_experiments.md, "pre-training stages").
+    if stage == "clip":
+        dist.run_alone(lambda: train_clip(cfg, out_dir, resume=True))
+    elif stage == "backbone":
+        dist.run_alone(lambda: train_backbone(cfg, out_dir, resume=True))
+    elif stage == "prompt":
+        train_prompt(cfg, out_dir, resume=True)
+    else:
+        train_alltask(cfg, out_dir, resume=True, init=init)
+
+
+def toy_stage(args, run: Path, stage: str, cfg: C.Config | None = None) -> Path:
+    """One stage of the toy pipeline under `run`: reused when its checkpoint has every
+    iteration, trained (or continued) otherwise. -> its checkpoint."""
+    ckpt = run / stage / "checkpoint.pt"
+    cfg = toy_config(args, run, stage, cfg)
+    saved = engine.load_checkpoint(ckpt, stage=stage) if ckpt.exists() else None
+    if saved is not None and saved["iteration"] >= cfg.train.iterations:
+        changed = C.config_diff(saved.get("config") or {}, C.to_dict(cfg))
+        note = "" if not changed else (
+            " (trained with other settings than this command's: "
+            + ", ".join(f"{k} {old!r}, now {new!r}" for k, old, new in changed)
+            + f"; delete {run / stage} to train it with them)")
+        dist.print0(f"[toy] {stage}: reusing {ckpt}{note}")
+    else:
+        dist.print0(f"[toy] {stage}: training -> {ckpt}")
+        train_toy_stage(cfg, stage, run / stage, init=str(run / "prompt" / "checkpoint.pt"))
+    dist.barrier()  # rank 0 writes the checkpoint that every rank reads next
+    return ckpt
+
+
 def run_toy(args, configs: dict[str, C.Config]) -> None:
     """Data -> tiny CLIP -> backbone -> prompts -> all-task -> evaluation -> demo; each step reuses its output.
     `configs`: every stage's checked config (check_overrides)."""
@@ -325,40 +385,7 @@ def run_toy(args, configs: dict[str, C.Config]) -> None:
         prepare_toy(root, force=False, workers=2)
     dist.barrier()
 
-    stages = []
-    for stage in STAGES:
-        ckpt = run / stage / "checkpoint.pt"
-        cfg = configs[stage]
-        if stage in ("prompt", "alltask"):
-            cfg.model.clip.name = str(run / "clip" / "checkpoint.pt")
-        if stage == "alltask" and not cfg.model.backbone.weights:
-            cfg.model.backbone.weights = str(run / "backbone" / "resnet.pth")
-        saved = engine.load_checkpoint(ckpt, stage=stage) if ckpt.exists() else None
-        done = saved is not None and saved["iteration"] >= cfg.train.iterations
-        if done:
-            changed = C.config_diff(saved.get("config") or {}, C.to_dict(cfg))
-            note = "" if not changed else (
-                " (trained with other settings than this command's: "
-                + ", ".join(f"{k} {old!r}, now {new!r}" for k, old, new in changed)
-                + f"; delete {run / stage} to train it with them)")
-            dist.print0(f"[toy] {stage}: reusing {ckpt}{note}")
-        else:
-            dist.print0(f"[toy] {stage}: training -> {ckpt}")
-            (run / stage).mkdir(parents=True, exist_ok=True)
-            # The tiny CLIP and the backbone learn from batches of 64 small images, which one
-            # process with every core trains faster than one rank per core; the CLIP's image
-            # tower also normalises over the whole batch (BatchNorm). Under 2 ranks of 32 the
-            # CLIP stage ran at 5.7 steps/s instead of 6.2-6.7 and reached 88.3% zero-shot, not 98.6%.
-            if stage == "clip":
-                dist.run_alone(lambda: train_clip(cfg, run / stage, resume=True))
-            elif stage == "backbone":
-                dist.run_alone(lambda: train_backbone(cfg, run / stage, resume=True))
-            elif stage == "prompt":
-                train_prompt(cfg, run / stage, resume=True)
-            else:
-                train_alltask(cfg, run / stage, resume=True, init=str(run / "prompt" / "checkpoint.pt"))
-        dist.barrier()  # rank 0 writes the checkpoint that every rank reads next
-        stages.append(ckpt)
+    stages = [toy_stage(args, run, stage, configs[stage]) for stage in STAGES]
     rows = evaluate_checkpoint(stages[-1], out=run / "results.json", ablation=True)  # images split over ranks
     if dist.is_main():
         for name, results in rows.items():  # every ablation row, for the README and the CI test

@@ -111,8 +111,17 @@ class PromptConfig:
     # "" = random N(0, init_std) as in the official code.
     ctx_init: str = ""
     tasks: tuple[str, ...] = ("semantic", "instance", "panoptic")
-    # Hand-written templates used when prompts are not learned (baselines, --set model.prompt.learned=false).
+    # False: the class prompt alone, [SOS][class context][class words][.][EOT], without the task
+    # words and task vectors (needs task_ctx=0): the paper's ablation of the task prompt; the
+    # official learner builds this sequence when it is given no task names
+    # (clip_adapter/text_prompt.py, `LearnablePromptExtractor`; freeseg/ablations.py).
+    use_task_prompt: bool = True
+    # False: fixed hand-written prompts instead of learned ones, the baseline of the paper's
+    # ablation of prompts: each class's feature is the mean of its `templates`' CLIP text
+    # features. "a photo of a {}." is the official region classifier's template
+    # (mask2former/config.py, REGION_CLIP_ADAPTER.PREDEFINED_PROMPT_TEMPLATES).
     learned: bool = True
+    templates: tuple[str, ...] = ("a photo of a {}.",)
 
 
 @dataclass
@@ -258,6 +267,10 @@ class TrainConfig:
     # (official), or "segments", the panoptic task's segments (things one mask per instance)
     # with the semantic prompt kept. The toy world uses "segments" (train.py, docs/toy_experiments.md).
     semantic_targets: str = "classes"
+    # The tasks a stage draws its iterations from, one uniformly at random per iteration
+    # (FreeSeg: all three). One task trains a task-specific model, the baseline of the paper's
+    # ablation of all-task training (freeseg/ablations.py).
+    tasks: tuple[str, ...] = ("semantic", "instance", "panoptic")
     amp: bool = True  # mixed precision, GPU only
     log_every: int = 20
     eval_every: int = 5000

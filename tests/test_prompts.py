@@ -103,3 +103,45 @@ def test_template_prompts_average(clip):
     assert isinstance(build_prompts(PromptConfig(learned=False), clip, default_tokenizer()), TemplatePrompts)
     learned = build_prompts(PromptConfig(class_ctx=3, task_ctx=1), clip, default_tokenizer())
     assert learned.prefix_prompt.shape == (3, 32) and learned.task_prompt.shape == (1, 32)
+
+
+def test_class_prompt_alone_leaves_out_task_words_and_vectors(clip):
+    """model.prompt.use_task_prompt=false (the ablation without task prompts): every task gets
+    [SOS][class context][class words][.][EOT], the official sequence without its task part."""
+    tok = default_tokenizer()
+    learner = build_prompts(PromptConfig(class_ctx=3, task_ctx=0, use_task_prompt=False), clip, tok)
+    assert learner.task_prompt.shape == (0, 32)  # no task vectors to learn
+    emb = clip.token_embedding.weight.detach()
+    name = tok.encode("traffic light")
+    for task in ("semantic", "instance", "panoptic"):
+        x, eot = learner.sequences(["traffic light", "sky"], task)
+        torch.testing.assert_close(x[0, 0], emb[tok.sot_token])
+        torch.testing.assert_close(x[0, 1:4], learner.prefix_prompt.detach())
+        torch.testing.assert_close(x[0, 4:4 + len(name)], emb[name])
+        torch.testing.assert_close(x[0, 4 + len(name)], emb[tok.encode(".")[0]])
+        torch.testing.assert_close(x[0, 5 + len(name)], emb[tok.eot_token])
+        assert eot.tolist() == [5 + len(name), 5 + len(tok.encode("sky"))]
+    with torch.no_grad():
+        feats = [learner(NAMES, task) for task in ("semantic", "instance", "panoptic")]
+    torch.testing.assert_close(feats[0], feats[1])
+    torch.testing.assert_close(feats[0], feats[2])
+    # With no class context either, it is CLIP's own tokenisation of "name.".
+    bare = PromptLearner(clip, tok, class_ctx=0, task_ctx=0, use_task_prompt=False)
+    with torch.no_grad():
+        ref = F.normalize(clip.encode_text(tokenize([f"{n}." for n in NAMES])), dim=-1)
+        assert (bare(NAMES, "instance") - ref).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="task_ctx=0"):
+        PromptLearner(clip, tok, class_ctx=3, task_ctx=2, use_task_prompt=False)
+    with pytest.raises(ValueError, match="unknown task"):
+        learner(NAMES, "detection")
+
+
+def test_fixed_template_is_a_photo_of_a(clip):
+    """model.prompt.learned=false (the fixed-template baseline): CLIP's text feature of "a photo
+    of a {class}." and nothing else, whatever the task."""
+    assert PromptConfig().templates == ("a photo of a {}.",)
+    prompts = build_prompts(PromptConfig(learned=False), clip, default_tokenizer())
+    with torch.no_grad():
+        ref = F.normalize(clip.encode_text(tokenize([f"a photo of a {n}." for n in NAMES])), dim=-1)
+    torch.testing.assert_close(prompts(NAMES, "instance"), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prompts(NAMES, None), ref, atol=1e-5, rtol=1e-5)

@@ -427,3 +427,34 @@ def test_toy_batches_are_the_draws_of_their_iterations(threads):
         for got, expected in zip((images, form, colour), want):
             assert torch.equal(got, torch.from_numpy(expected))
     assert not torch.equal(batches[0][0], batches[1][0])
+
+
+def test_default_task_draw_is_the_one_the_stages_always_made():
+    """train.tasks defaults to the three tasks, and then draw_task is the draw the prompt and
+    all-task stages made before the option existed (the toy results stay the same)."""
+    import numpy as np
+
+    import train
+    from freeseg.config import TrainConfig
+    from freeseg.presets import get_preset
+
+    three = ("semantic", "instance", "panoptic")
+    assert TrainConfig().tasks == three
+    assert all(get_preset(p).train.tasks == three for p in ("toy", "toy_prompt", "coco", "coco_prompt"))
+    for seed in (0, 1, 7):
+        for it in range(300):
+            assert train.draw_task(three, seed, it) == three[np.random.default_rng([seed, it]).integers(3)]
+
+
+def test_task_subsets_are_drawn_deterministically():
+    import train
+
+    assert {train.draw_task(("instance",), s, it) for s in (0, 1) for it in range(100)} == {"instance"}
+    pair = ("semantic", "panoptic")
+    draws = [train.draw_task(pair, 3, it) for it in range(400)]
+    assert draws == [train.draw_task(pair, 3, it) for it in range(400)]  # a function of (seed, iteration)
+    assert 150 < draws.count("semantic") < 250  # uniform over the subset
+    assert draws != [train.draw_task(pair, 4, it) for it in range(400)]
+    for bad in ((), ("semantic", "detection"), ("instance", "instance")):
+        with pytest.raises(ValueError, match="train.tasks must name"):
+            train.draw_task(bad, 0, 0)

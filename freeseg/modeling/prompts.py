@@ -38,16 +38,6 @@ from torch import nn
 
 from freeseg.config import PromptConfig
 
-# A few of the official ViLD templates (clip_adapter/clip.py, `CLIP.VILD_PROMPT`) for the
-# hand-written baseline.
-DEFAULT_TEMPLATES = (
-    "a photo of a {}.",
-    "a photo of a small {}.",
-    "a photo of a medium {}.",
-    "a photo of a large {}.",
-    "there is a {} in the scene.",
-)
-
 
 def task_sentence(task: str) -> str:
     """The task name as the official config words it: "semantic" -> "semantic segmentation."."""
@@ -63,17 +53,23 @@ class PromptLearner(nn.Module):
     """forward(class_names: list[str], task: str | None) -> text features (K, E), L2-normalised.
 
     `task=None` leaves out the task part (task-name tokens and task vectors); with class_ctx = 0
-    the sequence is then exactly CLIP's tokenisation of "class name.".
+    the sequence is then exactly CLIP's tokenisation of "class name.". `use_task_prompt=False`
+    leaves it out for every task (the class prompt alone, the paper's ablation of the task
+    prompt); it has no task vectors, so `task_ctx` must be 0.
     """
 
     def __init__(self, clip_model: nn.Module, tokenizer, class_ctx: int = 16, task_ctx: int = 8,
                  init_std: float = 0.02, tasks: tuple[str, ...] = ("semantic", "instance", "panoptic"),
-                 ctx_init: str = ""):
+                 ctx_init: str = "", use_task_prompt: bool = True):
         super().__init__()
+        if not use_task_prompt and task_ctx:
+            raise ValueError(f"PromptLearner: without the task prompt there are no task vectors; "
+                             f"set model.prompt.task_ctx=0 (got {task_ctx})")
         _freeze(clip_model)
         self.__dict__["clip_model"] = clip_model  # a reference, not a sub-module (see file header)
         self.tokenizer = tokenizer
         self.tasks = tuple(tasks)
+        self.use_task_prompt = use_task_prompt
         width = clip_model.token_embedding.weight.shape[1]
         self.prefix_prompt = nn.Parameter(torch.randn(class_ctx, width) * init_std)  # (class_ctx, C)
         self.task_prompt = nn.Parameter(torch.randn(task_ctx, width) * init_std)  # (task_ctx, C)
@@ -118,9 +114,9 @@ class PromptLearner(nn.Module):
             tails (K, T, C): [class words][.][EOT][padding];
             eot_index (K,): each end-of-text token's position in the whole sequence, >= P)."""
         head = []
-        if task is not None:
-            if task not in self.tasks:
-                raise ValueError(f"PromptLearner: unknown task {task!r}; known: {', '.join(self.tasks)}")
+        if task is not None and task not in self.tasks:
+            raise ValueError(f"PromptLearner: unknown task {task!r}; known: {', '.join(self.tasks)}")
+        if task is not None and self.use_task_prompt:
             head += [self._words(task_sentence(task)), self.task_prompt]
         head = torch.cat(head + [self.start_signal, self.prefix_prompt])  # (P, C)
         names = [self._words(name) for name in class_names]
@@ -153,7 +149,7 @@ class TemplatePrompts(nn.Module):
     (official `PredefinedPromptExtractor`). forward(class_names, task=None) -> (K, E); the task
     is ignored. Features are cached per class name (nothing here is trained)."""
 
-    def __init__(self, clip_model: nn.Module, tokenizer, templates: tuple[str, ...] = DEFAULT_TEMPLATES):
+    def __init__(self, clip_model: nn.Module, tokenizer, templates: tuple[str, ...]):
         super().__init__()
         if not templates or any("{}" not in t for t in templates):
             raise ValueError(f"TemplatePrompts: every template needs a '{{}}' slot, got {templates!r}")
@@ -204,6 +200,7 @@ def load_prompts(learner: PromptLearner, path: str | Path) -> None:
 
 def build_prompts(cfg: PromptConfig, clip_model: nn.Module, tokenizer) -> nn.Module:
     if not cfg.learned:
-        return TemplatePrompts(clip_model, tokenizer)
+        return TemplatePrompts(clip_model, tokenizer, cfg.templates)
     return PromptLearner(clip_model, tokenizer, class_ctx=cfg.class_ctx, task_ctx=cfg.task_ctx,
-                         init_std=cfg.init_std, tasks=cfg.tasks, ctx_init=cfg.ctx_init)
+                         init_std=cfg.init_std, tasks=cfg.tasks, ctx_init=cfg.ctx_init,
+                         use_task_prompt=cfg.use_task_prompt)
