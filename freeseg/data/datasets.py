@@ -9,7 +9,7 @@
   detectron2's panoptic mapper. Datasets without panoptic PNGs (VOC, ADE) get one segment per
   class present in the semantic map, with isthing False.
 - `SegmentCropDataset`: the prompt stage's data (paper section 3.2): one ground-truth segment
-  cut out of its image with `crop_masked_regions` (pixels outside the mask = CLIP's mean colour)
+  cut out of its image with `freeseg.crops.crop_masked_regions` (pixels outside the mask = CLIP's mean colour)
   -> (crop float (3, R, R) 0-255, contiguous class id).
 Batching (samples stay a list) and the data order live in `freeseg/engine.py`.
 
@@ -120,7 +120,7 @@ class SegmentCropDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from freeseg.modeling.region_classifier import crop_masked_regions
+        from freeseg.crops import crop_masked_regions
 
         entry = self.index[index]
         record = self.records[entry["image_id"]]

@@ -250,7 +250,7 @@ def region_crops(rng: np.random.Generator, n: int, size: int, scene_size: int = 
     """
     import torch
 
-    from freeseg.modeling.region_classifier import crop_masked_regions
+    from freeseg.crops import crop_masked_regions
 
     images, labels = np.zeros((n, 3, size, size), dtype=np.uint8), np.zeros(n, dtype=np.int64)
     i = 0
