@@ -18,6 +18,7 @@ Differences from the official code: no YAML and no registries; the paper's two s
 two presets of one config rather than two config files per stage.
 """
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -67,7 +68,6 @@ class PixelDecoderConfig:
     # layers hard-code 0.0).
     dropout: float = 0.1
     num_groups: int = 32  # GroupNorm groups in the FPN convs
-    fine_dim: int = 0  # > 0: mask features at stride 2, from a trainable path over the image (toy)
 
 
 @dataclass
@@ -83,8 +83,6 @@ class DecoderConfig:
     pre_norm: bool = False
     mask_mlp_layers: int = 3
     class_mlp_hidden: int = 1024  # class_embed: 256 -> 1024 -> text dim (official keys)
-    coord_masks: bool = False  # add a per-query disc over pixel positions to the mask logits (not in Mask2Former)
-    coord_values: bool = False  # add each pixel's position to the features the queries attend to (not in Mask2Former)
 
 
 @dataclass
@@ -253,12 +251,26 @@ class TrainConfig:
 
 
 @dataclass
+class ExtensionsConfig:
+    """Mechanisms that FreeSeg does not have (freeseg/extensions.py): all off in the paper's presets,
+    on in the toy world's, where each one fixed a failure measured on the toy data."""
+
+    # The transformer decoder's positional terms (extensions.PositionalMaskDecoder):
+    coord_masks: bool = False  # add a per-query disc over pixel positions to the mask logits
+    coord_values: bool = False  # add each pixel's position to the features the queries attend to
+    # > 0: mask features at stride 2, refined from a trainable path over the image with this many
+    # channels (extensions.StrideTwoRefiner); 0 = FreeSeg's stride-4 mask features.
+    fine_dim: int = 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    extensions: ExtensionsConfig = field(default_factory=ExtensionsConfig)
 
 
 # --------------------------------------------------------------------------- overrides
@@ -315,8 +327,39 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Fields that moved from a paper section to `extensions`, old dotted key -> new one: a config saved
+# in a checkpoint with the old layout is read with its values in their new place.
+MOVED_KEYS = {
+    "model.decoder.coord_masks": "extensions.coord_masks",
+    "model.decoder.coord_values": "extensions.coord_values",
+    "model.pixel_decoder.fine_dim": "extensions.fine_dim",
+}
+
+
+def _move_keys(data: dict) -> dict:
+    """A copy of the saved config `data` with every key of MOVED_KEYS in its new place."""
+    data = copy.deepcopy(data)
+    for old, new in MOVED_KEYS.items():
+        *old_path, old_name = old.split(".")
+        node = data
+        for part in old_path:
+            node = node.get(part, {})
+        if old_name not in node:
+            continue
+        value = node.pop(old_name)
+        *new_path, new_name = new.split(".")
+        target = data
+        for part in new_path:
+            target = target.setdefault(part, {})
+        target[new_name] = value
+    return data
+
+
 def from_dict(data: dict, cls: type = Config) -> typing.Any:
-    """Rebuild a config saved with `to_dict` (for example from a checkpoint)."""
+    """Rebuild a config saved with `to_dict` (for example from a checkpoint), with the fields of
+    MOVED_KEYS read from their old place too."""
+    if cls is Config:
+        data = _move_keys(data)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):

@@ -16,6 +16,7 @@ from freeseg.config import (
     ClipConfig,
     DataConfig,
     DecoderConfig,
+    ExtensionsConfig,
     InferenceConfig,
     InteractionConfig,
     LossConfig,
@@ -78,7 +79,7 @@ def _toy() -> Config:
     # without it, 1,500 with it; README). It makes a step about 1.4x slower, hence 1,500 steps.
     cfg.model.pixel_decoder = PixelDecoderConfig(
         conv_dim=64, mask_dim=64, num_encoder_layers=1, num_heads=4, num_points=4, ffn_dim=128, num_groups=8,
-        dropout=0.0, fine_dim=32,
+        dropout=0.0,
     )
     # coord_masks: a per-query disc added to the mask logits (transformer_decoder.py), so a query
     # can outline one of two identical objects. Two all-task seeds: thing IoU with a same-class
@@ -89,9 +90,9 @@ def _toy() -> Config:
     # 53.7 / 51.7 / 55.4 / 55.7, AP 34.7 / 35.1 / 35.5 / 37.0 -> 35.6 / 36.8 / 37.2 / 37.1 (README).
     cfg.model.decoder = DecoderConfig(
         hidden_dim=64, num_queries=20, num_layers=3, num_heads=4, ffn_dim=128, class_mlp_hidden=128,
-        coord_masks=True, coord_values=True,
     )
     cfg.model.interaction = InteractionConfig(attn_dim=128, num_heads=4, dropout=0.0)
+    cfg.extensions = ExtensionsConfig(coord_masks=True, coord_values=True, fine_dim=32)
     # The tiny CLIP has only ever read captions, so random context vectors start it far from
     # anything it knows and the prompt stage does not recover in a few hundred steps (10%
     # accuracy with an earlier tiny CLIP); starting the class context as the words "a photo of a"
