@@ -212,16 +212,28 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     image_size: int = 640  # training crop
-    min_scale: float = 0.1  # large-scale jitter range
-    max_scale: float = 2.0
-    # "lsj": large-scale jitter + 640 crop, as the official COCO all-task config states;
-    # "semantic": short side in [min_scale, max_scale] x crop, crop, color jitter, flip. The
-    # official COCO mapper (`coco_full_lsj`) builds the LSJ list but hands the semantic one to
-    # detectron2, so the released models actually trained with "semantic" at 0.5-1.5.
-    augmentation: str = "lsj"
+    # "semantic": Mask2Former's semantic mapper: short side int(x * 0.1 * short_side_base) for x
+    # from 10 * min_scale to 10 * max_scale, long side at most 4 x image_size, image_size crop,
+    # colour jitter, flip. "lsj": large-scale jitter, the image fitted into an image_size square
+    # scaled by U(min_scale, max_scale), flip, image_size crop. The official COCO all-task config
+    # names an LSJ mapper (`coco_full_lsj`, MIN_SCALE 0.1 / MAX_SCALE 2.0), but that mapper hands
+    # the semantic list to detectron2, so the released models trained with "semantic" at 0.5-1.5
+    # (preset `coco`); preset `coco_lsj` trains with the LSJ the config states.
+    augmentation: str = "semantic"
+    min_scale: float = 0.5
+    max_scale: float = 1.5
+    short_side_base: int = 0  # 0 = image_size; VOC's short sides are based on 640 with 512 crops
     test_short_side: int = 640
     num_workers: int = 4
-    prompt_samples_per_class: int = 1000  # cap of segments per class in the prompt-stage index
+    # The prompt stage (paper section 3.2) classifies segments cut out of the training images:
+    # a pool of at most `prompt_samples_per_class` segments per seen class (official
+    # DATASETS.SAMPLE_PER_CLASS), and for each crop the recipe `prompt_crop`:
+    # "random" (official mask_former_binary_semantic mapper + ProposalClipClassifier): the
+    # segment's box grown by `inference.mask_expand_ratio` (official MASK_EXPAND_RATIO), a random
+    # resized crop of it, a flip, and CLIP's mean colour in normalised space outside the mask
+    # (transforms.PromptCrop); "region": exactly the region classifier's crop at inference.
+    prompt_samples_per_class: int = 64
+    prompt_crop: str = "random"
 
 
 @dataclass

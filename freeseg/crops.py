@@ -13,10 +13,22 @@ clip_adapter/clip.py `mask2box`, `expand_box`, `crop_with_mask`):
 The official code normalises before resizing; normalisation is a per-channel affine map and
 bicubic weights sum to one, so the order does not matter and we resize first (crops in 0-255).
 
-This module depends on torch alone, so the data pipeline (freeseg/data) and the model
+The prompt stage cuts its training segments differently (`random_resized_masked_crop`, official
+mask2former/data/dataset_mappers/mask_former_binary_semantic_dataset_mapper.py and
+augmentations.py): a random resized crop of the segment's box, flipped, resized bilinearly.
+Deliberate differences there: the crop is square at CLIP's input resolution (the official
+MIN_SIZE_TRAIN (224, 244) gives crops 244 high and 224 wide, which its CLIP takes by
+interpolating its position embeddings); the grown box may reach the image's last row and column
+(the official `expand_box` clips it one pixel short); torch's antialiased bilinear resize stands
+in for PIL's.
+
+This module depends on torch and numpy alone, so the data pipeline (freeseg/data) and the model
 (freeseg/modeling) both use it without depending on each other.
 """
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -80,3 +92,69 @@ def crop_masked_regions(image: torch.Tensor, masks: torch.Tensor, size: int, exp
         region = torch.where(mask[y1:y2, x1:x2], image[:, y1:y2, x1:x2], fill)  # (3, h, w)
         crops.append(F.interpolate(region[None], size=(size, size), mode="bicubic", align_corners=True))
     return torch.cat(crops)  # (N, 3, size, size)
+
+
+# The prompt stage's random resized crop: the official RandomResizedCrop's defaults
+# (mask2former/data/augmentations.py, as torchvision's): a window covering 8% to 100% of the
+# segment's box, with aspect ratio w / h between 3/4 and 4/3.
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def random_resized_window(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """A window (x, y, w, h) of a (height, width) area, drawn as the official RandomResizedCrop
+    does: up to 10 tries of an area fraction in CROP_SCALE and a log-uniform aspect ratio in
+    CROP_RATIO; if none fits, the largest central window whose aspect ratio lies in CROP_RATIO."""
+    area = height * width
+    log_ratio = np.log(np.array(CROP_RATIO))
+    for _ in range(10):
+        target_area = area * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    ratio = width / height
+    if ratio < CROP_RATIO[0]:
+        w, h = width, int(round(width / CROP_RATIO[0]))
+    elif ratio > CROP_RATIO[1]:
+        w, h = int(round(height * CROP_RATIO[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_masked_crop(image: torch.Tensor, mask: torch.Tensor, size: int, expand_ratio: float,
+                               fill: tuple[float, float, float] | torch.Tensor, rng: np.random.Generator
+                               ) -> torch.Tensor:
+    """The prompt stage's crop of one segment (official mask_former_binary_semantic mapper):
+    image (3, H, W) float 0-255, mask (H, W) bool, not empty -> (3, size, size) float 0-255.
+
+    The mask's box grown by `expand_ratio` (`expand_boxes`), a random window of it
+    (`random_resized_window`) resized to size x size (image bilinear with antialiasing, like
+    PIL's resize the official code calls; mask nearest), flipped left-right with probability
+    0.5, and `fill` outside the mask. A window that misses the segment is drawn again (up to
+    10 times, then the whole box): the official mapper drops such a sample and its loader draws
+    another one.
+    """
+    if not mask.any():
+        raise ValueError("random_resized_masked_crop: the mask is empty")
+    H, W = mask.shape
+    x1, y1, x2, y2 = expand_boxes(mask_boxes(mask[None]), expand_ratio, H, W)[0].tolist()
+    x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
+    box_image, box_mask = image[:, y1:y2, x1:x2].float(), mask[y1:y2, x1:x2]
+    for _ in range(10):
+        x, y, w, h = random_resized_window(y2 - y1, x2 - x1, rng)
+        small = F.interpolate(box_mask[None, None, y:y + h, x:x + w].float(), size=(size, size),
+                              mode="nearest-exact")[0, 0] > 0.5  # (size, size)
+        if small.any():
+            break
+    else:
+        x, y, w, h = 0, 0, x2 - x1, y2 - y1
+        small = F.interpolate(box_mask[None, None].float(), size=(size, size), mode="nearest-exact")[0, 0] > 0.5
+    crop = F.interpolate(box_image[None, :, y:y + h, x:x + w], size=(size, size), mode="bilinear",
+                         align_corners=False, antialias=True)[0]  # (3, size, size)
+    if rng.random() < 0.5:
+        crop, small = crop.flip(-1), small.flip(-1)
+    fill = torch.as_tensor(fill, dtype=crop.dtype, device=crop.device).view(3, 1, 1)
+    return torch.where(small, crop, fill)
