@@ -75,7 +75,7 @@ class DecoderConfig:
     hidden_dim: int = 256
     num_queries: int = 100
     # The official checkpoint holds 10 decoder layers (transformer_*_layers.0-9 in
-    # shared/data/official_freeseg_r101c_keys.tsv), cycling over the three scales.
+    # tests/data/official_freeseg_r101c_keys.tsv), cycling over the three scales.
     num_layers: int = 10
     num_heads: int = 8
     ffn_dim: int = 2048
@@ -149,9 +149,8 @@ class LossConfig:
 class TTPTConfig:
     """Test-time prompt tuning (paper section 3.4); not in the official release."""
 
-    # The paper gives no values; these were chosen on toy val (README). On one toy all-task model,
-    # 5 AdamW steps at lr 1e-2 cost 3.4 mIoU, 2.3 PQ and 4.1 AP (the shared class context moves
-    # the seen classes' prompts too); at lr 1e-3: mIoU -0.2, PQ +0.4, AP -0.1.
+    # The paper gives no values; these were chosen on toy val: at lr 1e-2 the shared class context
+    # moves the seen classes' prompts too (docs/toy_experiments.md, "Test-time prompt tuning").
     enabled: bool = False
     steps: int = 5
     lr: float = 1e-3
@@ -194,9 +193,7 @@ class InferenceConfig:
     # of the K classes. The CLIP ensemble spreads a sure object over look-alike classes ("red
     # circle" 0.4, "red square" 0.3), so the class rule drops queries that are certainly objects;
     # the official FreeSeg code avoids that by sharpening, softmax(p / 0.01), and then keeps
-    # nearly every query. On one toy model, "object" instead of "class" raised PQ from 30.6 to
-    # 42.7 (ensemble) and from 10.7 to 20.9 (mask classifier only), threshold 0.5
-    # (docs/toy_experiments.md).
+    # nearly every query (docs/toy_experiments.md, "Panoptic confidence").
     panoptic_keep_by: str = "object"
     instance_topk: int = 100
     # > 0: every unclaimed region covering at least this fraction of the image becomes a proposal
@@ -254,7 +251,8 @@ class TrainConfig:
     clip_grad_norm: float = 0.01  # full-model L2 clipping (official CLIP_VALUE 0.01)
     # What a semantic iteration of the all-task stage learns from: "classes", one mask per class
     # (official), or "segments", the panoptic task's segments (things one mask per instance)
-    # with the semantic prompt kept. The toy world uses "segments" (train.py, docs/toy_experiments.md).
+    # with the semantic prompt kept. The toy world uses "segments" (docs/toy_experiments.md,
+    # "Semantic targets").
     semantic_targets: str = "classes"
     amp: bool = True  # mixed precision, GPU only
     log_every: int = 20
