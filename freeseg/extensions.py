@@ -9,9 +9,9 @@ with every extension off the model is the paper's:
   - `PositionalMaskDecoder` subclasses the transformer decoder and overrides its two hooks,
     `mask_logits` (a per-query disc, `coord_masks`) and `level_tokens` (pixel positions in the
     attended features, `coord_values`);
-  - `StrideTwoRefiner` fills the model's `mask_refiner` slot (`fine_dim`): FreeSeg.decode runs it
-    after the semantic context interaction, and its layers are made through the pixel decoder's
-    `make_extra_layers`;
+  - `StrideTwoRefiner` fills the model's `mask_refiner` slot (`fine_dim`): FreeSeg.extract lets it
+    read the image, FreeSeg.decode runs it after the semantic context interaction, and its layers
+    are made through the pixel decoder's `make_extra_layers`;
   - `build_pixel_decoder` and `build_transformer_decoder` are what `build_freeseg` calls.
 
 Axis legend: B batch, Q queries, C channels, H W spatial (of the input image), S flattened tokens.
@@ -123,8 +123,8 @@ class StrideTwoRefiner(nn.Module):
     `fine_dim` channels, upsampled and added; one 3x3 conv and a 1x1 conv go back to `mask_dim`.
     Its weights are new, so no official checkpoint has them.
 
-    forward(mask_features (B, mask_dim, H/4, W/4), images (B, 3, H, W) normalised)
-      -> (B, mask_dim, H/2, W/2)
+    read_image(images (B, 3, H, W) normalised) -> (B, fine_dim, H/2, W/2), once per image;
+    forward(mask_features (B, mask_dim, H/4, W/4), that) -> (B, mask_dim, H/2, W/2), per task.
 
     Its convs keep PyTorch's default initial values until `reset_parameters` draws the final ones
     (build_pixel_decoder calls it).
@@ -150,13 +150,16 @@ class StrideTwoRefiner(nn.Module):
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
 
-    def forward(self, mask_features: Tensor, images: Tensor) -> Tensor:
-        # float32 under mixed precision, as the pixel decoder it extends.
+    # Both run in float32 under mixed precision, as the pixel decoder they extend.
+    def read_image(self, images: Tensor) -> Tensor:
         with torch.autocast(device_type=images.device.type, enabled=False):
-            fine = self.image_path(images.float())  # (B, fine_dim, H/2, W/2)
+            return self.image_path(images.float())  # (B, fine_dim, H/2, W/2)
+
+    def forward(self, mask_features: Tensor, image_features: Tensor) -> Tensor:
+        with torch.autocast(device_type=image_features.device.type, enabled=False):
             lateral = self.lateral(mask_features.float())  # (B, fine_dim, H/4, W/4)
-            up = F.interpolate(lateral, size=fine.shape[-2:], mode="bilinear", align_corners=False)
-            return self.mask_features(self.layer(fine + up))  # (B, mask_dim, H/2, W/2)
+            up = F.interpolate(lateral, size=image_features.shape[-2:], mode="bilinear", align_corners=False)
+            return self.mask_features(self.layer(image_features + up))  # (B, mask_dim, H/2, W/2)
 
 
 def build_pixel_decoder(cfg: Config, in_channels: dict[str, int], in_strides: dict[str, int]

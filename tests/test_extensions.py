@@ -87,11 +87,11 @@ def test_stride_two_refiner_is_local_and_trainable():
     image = torch.randn(2, 3, 64, 96)
     mask_features = torch.randn(2, 12, 16, 24)
     with torch.no_grad():
-        refined = refiner(mask_features, image)
+        refined = refiner(mask_features, refiner.read_image(image))
         assert refined.shape == (2, 12, 32, 48)
         image2 = image.clone()
         image2[0, :, 40, 60] += 5.0  # stride-2 cell (20, 30)
-        changed = (refiner(mask_features, image2) - refined).abs().amax(1)  # (2, 32, 48)
+        changed = (refiner(mask_features, refiner.read_image(image2)) - refined).abs().amax(1)  # (2, 32, 48)
     assert changed[0, 20, 30] > 1e-3
     row, col = divmod(int(changed[0].argmax()), 48)
     assert abs(row - 20) <= 2 and abs(col - 30) <= 2  # within the three 3x3 convs' reach
@@ -100,7 +100,7 @@ def test_stride_two_refiner_is_local_and_trainable():
     peak = changed.max()
     assert changed[0, :, :25].max() < 1e-2 * peak and changed[0, :15].max() < 1e-2 * peak
     assert changed[1].max() < 1e-2 * peak
-    refiner(mask_features, image).square().mean().backward()
+    refiner(mask_features, refiner.read_image(image)).square().mean().backward()
     assert refiner.image_path[0].weight.grad.abs().sum() > 0
 
 

@@ -26,7 +26,8 @@ criterion and post-processing are separate objects, inference.py drives evaluati
 normalisation pads to a multiple of `size_divisibility` with zeros after normalising, as
 detectron2's ImageList does, and reports the unpadded size.
 Extension point: an optional `mask_refiner` module (FreeSeg has none; the toy world's stride-2
-masks, freeseg/extensions.py) turns the mask features into finer ones before the decoder.
+masks, freeseg/extensions.py) reads the image once (`read_image`) and turns the mask features
+into finer ones before the decoder.
 Axis legend: B batch, Q queries, K classes, E embedding dim, H W spatial.
 """
 
@@ -98,9 +99,9 @@ class FreeSeg(nn.Module):
 
     def extract(self, images: torch.Tensor) -> dict:
         """images (B, 3, H, W) float 0-255 -> {"mask_features": (B, C, H'/4, W'/4),
-        "multi_scale": 3 x (B, C, h_l, w_l) lowest resolution first, "image_size": (H, W),
-        "images": (B, 3, H', W') the normalised, padded input}, where H', W' are H, W padded up
-        to a multiple of `size_divisibility`."""
+        "multi_scale": 3 x (B, C, h_l, w_l) lowest resolution first, "image_size": (H, W)}, where
+        H', W' are H, W padded up to a multiple of `size_divisibility`; with a `mask_refiner`
+        also "refiner_input", what it read from the padded, normalised image."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"FreeSeg.extract: images must be (B, 3, H, W), got {tuple(images.shape)}")
         H, W = images.shape[-2:]
@@ -108,7 +109,10 @@ class FreeSeg(nn.Module):
         Hp, Wp = self.padded_size((H, W))
         x = F.pad(x, (0, Wp - W, 0, Hp - H))  # (B, 3, H', W'), zeros = the mean colour
         mask_features, multi_scale = self.pixel_decoder(self.backbone(x))
-        return {"mask_features": mask_features, "multi_scale": list(multi_scale), "image_size": (H, W), "images": x}
+        out = {"mask_features": mask_features, "multi_scale": list(multi_scale), "image_size": (H, W)}
+        if self.mask_refiner is not None:  # once per image; decode refines once per task
+            out["refiner_input"] = self.mask_refiner.read_image(x)
+        return out
 
     def text_features(self, class_names: list[str], task: str | None) -> torch.Tensor:
         """The class prompts' CLIP text features (K, E), L2-normalised. No graph is kept when the
@@ -127,7 +131,7 @@ class FreeSeg(nn.Module):
         if self.interaction is not None:
             *multi_scale, mask_features = self.interaction.forward_pyramid(multi_scale + [mask_features], weights)
         if self.mask_refiner is not None:  # after the interaction, which so keeps to stride 4
-            mask_features = self.mask_refiner(mask_features, features["images"])
+            mask_features = self.mask_refiner(mask_features, features["refiner_input"])
         out = self.decoder(multi_scale, mask_features)
         for pred in [out] + out["aux_outputs"]:
             embeds = F.normalize(pred["pred_embeds"], dim=-1)  # (B, Q, E)
