@@ -173,6 +173,7 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
     """Learn the class and task prompts: classify cut-out segments of seen classes with CLIP."""
     from freeseg.clip import normalize_pixels
     from freeseg.data.datasets import SegmentCropDataset
+    from freeseg.data.transforms import PromptCrop
     from freeseg.modeling.prompts import build_prompts
     from freeseg.modeling.region_classifier import clip_logit_scale
 
@@ -184,15 +185,15 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
     prompts = build_prompts(cfg.model.prompt, clip_model, tokenizer).to(device)
     prep = prepared_dir(cfg)
     names, remap = seen_vocabulary(prep)
-    crops = SegmentCropDataset(prep, cfg.data.train_split, size=clip_model.input_resolution,
-                               expand_ratio=cfg.inference.mask_expand_ratio)
+    # The crop's box grows by the region classifier's ratio, as in the official code (MASK_EXPAND_RATIO).
+    crop = PromptCrop(cfg.data.prompt_crop, clip_model.input_resolution, cfg.inference.mask_expand_ratio)
     # CLIP's own temperature: 100 for OpenAI's CLIP (the official value), ~15 for the toy CLIP.
     scale = clip_logit_scale(clip_model)
     optimizer = engine.build_optimizer(prompts, cfg.train)
     start = engine.start_from(out_dir, resume, {"model": prompts}, optimizer, cfg)
     logger = engine.Logger(out_dir, cfg.train.iterations, start)
     logger.truncate_after(start)
-    loader = engine.make_loader(engine.SeededDataset(crops), cfg, start)
+    loader = engine.make_loader(engine.SeededDataset(SegmentCropDataset(prep, cfg.data.train_split), crop), cfg, start)
 
     for it, batch in enumerate(loader, start):
         engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
@@ -207,6 +208,8 @@ def train_prompt(cfg: C.Config, out_dir: Path, resume: bool) -> Path:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         engine.average_gradients(prompts)
+        if cfg.train.clip_grad_norm > 0:  # official CLIP_GRADIENTS, full-model L2 norm
+            torch.nn.utils.clip_grad_norm_(prompts.parameters(), cfg.train.clip_grad_norm)
         optimizer.step()
         engine.check_finite(it, {"loss": loss}, out_dir / "checkpoint.pt")
 

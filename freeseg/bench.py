@@ -2,7 +2,7 @@
 `python -m freeseg.bench prompts`.
 
 msda: multi-scale deformable attention at the size of FreeSeg's pixel-decoder encoder layer
-(DESIGN.md section 2; Deformable DETR's defaults as used by Mask2Former): batch 1, a 640x640
+(Deformable DETR's defaults as used by Mask2Former and FreeSeg): batch 1, a 640x640
 input gives res3..res5 maps of 80x80, 40x40 and 20x20 (strides 8, 16, 32), S = 8400 tokens,
 every token is a query (Lq = S), 8 heads, 4 points per level, head dim 32 (256 channels / 8).
 Prints the median time of forward and forward+backward for each available backend, the

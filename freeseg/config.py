@@ -21,6 +21,7 @@ Differences from the official code: no YAML and no registries; the paper's two s
 two presets of one config rather than two config files per stage.
 """
 
+import copy
 import dataclasses
 import math
 import typing
@@ -73,7 +74,6 @@ class PixelDecoderConfig:
     # layers hard-code 0.0).
     dropout: float = 0.1
     num_groups: int = 32  # GroupNorm groups in the FPN convs
-    fine_dim: int = 0  # > 0: mask features at stride 2, from a trainable path over the image (toy)
 
 
 @dataclass
@@ -81,7 +81,7 @@ class DecoderConfig:
     hidden_dim: int = 256
     num_queries: int = 100
     # The official checkpoint holds 10 decoder layers (transformer_*_layers.0-9 in
-    # shared/data/official_freeseg_r101c_keys.tsv), cycling over the three scales.
+    # tests/data/official_freeseg_r101c_keys.tsv), cycling over the three scales.
     num_layers: int = 10
     num_heads: int = 8
     ffn_dim: int = 2048
@@ -89,8 +89,6 @@ class DecoderConfig:
     pre_norm: bool = False
     mask_mlp_layers: int = 3
     class_mlp_hidden: int = 1024  # class_embed: 256 -> 1024 -> text dim (official keys)
-    coord_masks: bool = False  # add a per-query disc over pixel positions to the mask logits (not in Mask2Former)
-    coord_values: bool = False  # add each pixel's position to the features the queries attend to (not in Mask2Former)
 
 
 @dataclass
@@ -166,9 +164,8 @@ class LossConfig:
 class TTPTConfig:
     """Test-time prompt tuning (paper section 3.4); not in the official release."""
 
-    # The paper gives no values; these were chosen on toy val (README). On one toy all-task model,
-    # 5 AdamW steps at lr 1e-2 cost 3.4 mIoU, 2.3 PQ and 4.1 AP (the shared class context moves
-    # the seen classes' prompts too); at lr 1e-3: mIoU -0.2, PQ +0.4, AP -0.1.
+    # The paper gives no values; these were chosen on toy val: at lr 1e-2 the shared class context
+    # moves the seen classes' prompts too (docs/toy_experiments.md, "Test-time prompt tuning").
     enabled: bool = False
     steps: int = 5
     lr: float = 1e-3
@@ -217,9 +214,7 @@ class InferenceConfig:
     # of the K classes. The CLIP ensemble spreads a sure object over look-alike classes ("red
     # circle" 0.4, "red square" 0.3), so the class rule drops queries that are certainly objects;
     # the official FreeSeg code avoids that by sharpening, softmax(p / 0.01), and then keeps
-    # nearly every query. On one toy model, "object" instead of "class" raised PQ from 30.6 to
-    # 42.7 (ensemble) and from 10.7 to 20.9 (mask classifier only), threshold 0.5
-    # (docs/toy_experiments.md).
+    # nearly every query (docs/toy_experiments.md, "Panoptic confidence").
     panoptic_keep_by: str = "object"
     instance_topk: int = 100
     # > 0: every unclaimed region covering at least this fraction of the image becomes a proposal
@@ -235,16 +230,28 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     image_size: int = 640  # training crop
-    min_scale: float = 0.1  # large-scale jitter range
-    max_scale: float = 2.0
-    # "lsj": large-scale jitter + 640 crop, as the official COCO all-task config states;
-    # "semantic": short side in [min_scale, max_scale] x crop, crop, color jitter, flip. The
-    # official COCO mapper (`coco_full_lsj`) builds the LSJ list but hands the semantic one to
-    # detectron2, so the released models actually trained with "semantic" at 0.5-1.5.
-    augmentation: str = "lsj"
+    # "semantic": Mask2Former's semantic mapper: short side int(x * 0.1 * short_side_base) for x
+    # from 10 * min_scale to 10 * max_scale, long side at most 4 x image_size, image_size crop,
+    # colour jitter, flip. "lsj": large-scale jitter, the image fitted into an image_size square
+    # scaled by U(min_scale, max_scale), flip, image_size crop. The official COCO all-task config
+    # names an LSJ mapper (`coco_full_lsj`, MIN_SCALE 0.1 / MAX_SCALE 2.0), but that mapper hands
+    # the semantic list to detectron2, so the released models trained with "semantic" at 0.5-1.5
+    # (preset `coco`); preset `coco_lsj` trains with the LSJ the config states.
+    augmentation: str = "semantic"
+    min_scale: float = 0.5
+    max_scale: float = 1.5
+    short_side_base: int = 0  # 0 = image_size; VOC's short sides are based on 640 with 512 crops
     test_short_side: int = 640
     num_workers: int = 4
-    prompt_samples_per_class: int = 1000  # cap of segments per class in the prompt-stage index
+    # The prompt stage (paper section 3.2) classifies segments cut out of the training images:
+    # a pool of at most `prompt_samples_per_class` segments per seen class (official
+    # DATASETS.SAMPLE_PER_CLASS), and for each crop the recipe `prompt_crop`:
+    # "random" (official mask_former_binary_semantic mapper + ProposalClipClassifier): the
+    # segment's box grown by `inference.mask_expand_ratio` (official MASK_EXPAND_RATIO), a random
+    # resized crop of it, a flip, and CLIP's mean colour in normalised space outside the mask
+    # (transforms.PromptCrop); "region": exactly the region classifier's crop at inference.
+    prompt_samples_per_class: int = 64
+    prompt_crop: str = "random"
 
 
 @dataclass
@@ -265,7 +272,8 @@ class TrainConfig:
     clip_grad_norm: float = 0.01  # full-model L2 clipping (official CLIP_VALUE 0.01)
     # What a semantic iteration of the all-task stage learns from: "classes", one mask per class
     # (official), or "segments", the panoptic task's segments (things one mask per instance)
-    # with the semantic prompt kept. The toy world uses "segments" (train.py, docs/toy_experiments.md).
+    # with the semantic prompt kept. The toy world uses "segments" (docs/toy_experiments.md,
+    # "Semantic targets").
     semantic_targets: str = "classes"
     # The tasks a stage draws its iterations from, one uniformly at random per iteration
     # (FreeSeg: all three). One task trains a task-specific model, the baseline of the paper's
@@ -278,12 +286,26 @@ class TrainConfig:
 
 
 @dataclass
+class ExtensionsConfig:
+    """Mechanisms that FreeSeg does not have (freeseg/extensions.py): all off in the paper's presets,
+    on in the toy world's, where each one fixed a failure measured on the toy data."""
+
+    # The transformer decoder's positional terms (extensions.PositionalMaskDecoder):
+    coord_masks: bool = False  # add a per-query disc over pixel positions to the mask logits
+    coord_values: bool = False  # add each pixel's position to the features the queries attend to
+    # > 0: mask features at stride 2, refined from a trainable path over the image with this many
+    # channels (extensions.StrideTwoRefiner); 0 = FreeSeg's stride-4 mask features.
+    fine_dim: int = 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    extensions: ExtensionsConfig = field(default_factory=ExtensionsConfig)
 
 
 # --------------------------------------------------------------------------- overrides
@@ -341,8 +363,39 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Fields that moved from a paper section to `extensions`, old dotted key -> new one: a config saved
+# in a checkpoint with the old layout is read with its values in their new place.
+MOVED_KEYS = {
+    "model.decoder.coord_masks": "extensions.coord_masks",
+    "model.decoder.coord_values": "extensions.coord_values",
+    "model.pixel_decoder.fine_dim": "extensions.fine_dim",
+}
+
+
+def _move_keys(data: dict) -> dict:
+    """A copy of the saved config `data` with every key of MOVED_KEYS in its new place."""
+    data = copy.deepcopy(data)
+    for old, new in MOVED_KEYS.items():
+        *old_path, old_name = old.split(".")
+        node = data
+        for part in old_path:
+            node = node.get(part, {})
+        if old_name not in node:
+            continue
+        value = node.pop(old_name)
+        *new_path, new_name = new.split(".")
+        target = data
+        for part in new_path:
+            target = target.setdefault(part, {})
+        target[new_name] = value
+    return data
+
+
 def from_dict(data: dict, cls: type = Config) -> typing.Any:
-    """Rebuild a config saved with `to_dict` (for example from a checkpoint)."""
+    """Rebuild a config saved with `to_dict` (for example from a checkpoint), with the fields of
+    MOVED_KEYS read from their old place too."""
+    if cls is Config:
+        data = _move_keys(data)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -420,7 +473,7 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
                                                         "ffn_dim", "num_groups")},
     "model.pixel_decoder.num_encoder_layers": NON_NEGATIVE,
     "model.pixel_decoder.dropout": DROPOUT,
-    "model.pixel_decoder.fine_dim": NON_NEGATIVE,
+    "extensions.fine_dim": NON_NEGATIVE,
     **{f"model.decoder.{k}": AT_LEAST_1 for k in ("hidden_dim", "num_queries", "num_layers", "num_heads", "ffn_dim",
                                                   "mask_mlp_layers", "class_mlp_hidden")},
     "model.decoder.dropout": DROPOUT,

@@ -2,7 +2,7 @@
 
 Everything here degrades to a no-op in a plain `python train.py` run, so the training and
 evaluation loops call these helpers unconditionally and read the same on CPU, one GPU and
-`torchrun --nproc_per_node=N` (shared/STYLE.md item 12; the pattern of torchvision's
+`torchrun --nproc_per_node=N` (the pattern of torchvision's
 `references/segmentation/utils.py`).
 
 Differences from the official FreeSeg code: detectron2's `comm` module and launcher are replaced

@@ -1,21 +1,24 @@
 """Named presets: the paper's settings for each dataset and stage, and the tiny `toy` world.
 
 `Config()` (freeseg/config.py) holds the official FreeSeg COCO R101c all-task settings; each
-preset here changes what its dataset or stage needs, and says where every changed number comes
-from (the official configs, or for the toy world the measurements in the README and its log of
-toy runs, docs/toy_experiments.md, both cited as "README" below).
+preset here changes what its dataset or stage needs. Every number of a paper preset names the
+official file it comes from (bytedance/FreeSeg; paths under configs/ unless they start with
+mask2former/); a line marked "Deliberate difference" points to its entry in
+docs/differences_presets.md. The toy presets' numbers were chosen on the toy world's validation
+set; each cites its section of docs/toy_experiments.md, where the runs are.
 
-    cfg = get_preset("coco")                      # or preset_for("toy", "prompt") -> "toy_prompt"
+    cfg = get_preset("coco")                      # or preset_for("voc", "prompt") -> "voc_prompt"
 """
 
 import typing
 
 from freeseg.config import (
     BackboneConfig,
-    Config,
     ClipConfig,
+    Config,
     DataConfig,
     DecoderConfig,
+    ExtensionsConfig,
     InferenceConfig,
     InteractionConfig,
     LossConfig,
@@ -25,140 +28,173 @@ from freeseg.config import (
 )
 from freeseg.errors import ConfigKeyError
 
+COCO_ALLTASK = "coco-stuff-164k-156/mask2former_R101c_alltask_bs32_60k.yaml"
+COCO_BASE = "coco-stuff-164k-171/Base-COCOStuff164K-171.yaml"
+VOC_ALLTASK = "voc-11k-15/mask2former_R101c_bs16_20k.yaml"
+VOC_BASE = "voc-11k-20/Base-VOC11K-20.yaml"
+ADE_ALLTASK = "ade20k-135/mask2former_R101c_alltask_bs32_60k.yaml"
+ADE_BASE = "ade20k-150/Base-ADE20K-150.yaml"
+
+
+# ---------------------------------------------------------------- COCO-Stuff (156 seen / 15 unseen)
+
 
 def _coco() -> Config:
-    """COCO all-task stage, R101c backbone (official coco-stuff-164k-156 config)."""
+    """COCO-Stuff all-task stage, R101c backbone: `Config()`, whose every default names its
+    source (COCO_ALLTASK, COCO_BASE, mask2former/config.py). Its augmentation is the one the
+    official mapper runs (DataConfig's comment): short sides int(x * 0.1 * 640), x = 5..15
+    (COCO_BASE MIN_SIZE_TRAIN), 640 crops (COCO_BASE CROP.SIZE), colour jitter (COLOR_AUG_SSD),
+    flip; 64 segments per class for the prompt stage (coco-stuff-164k-156/
+    mask2former_learn_prompt_bs32_16k.yaml SAMPLE_PER_CLASS)."""
     return Config()
 
 
-def _coco_prompt() -> Config:
-    """COCO prompt stage: SGD lr 0.02, wd 0.001, cosine with 100 warm-up iterations at 0.005."""
-    cfg = Config()
+def _coco_lsj() -> Config:
+    """COCO with the large-scale jitter the official all-task config states (INPUT.IMAGE_SIZE 640,
+    `coco_full_lsj`, MIN_SCALE 0.1 / MAX_SCALE 2.0 from mask2former/config.py) but its mapper does not run."""
+    cfg = _coco()
+    cfg.data.augmentation, cfg.data.min_scale, cfg.data.max_scale = "lsj", 0.1, 2.0
+    return cfg
+
+
+def _prompt_stage(cfg: Config, iterations: int, weight_decay: float, checkpoint_every: int) -> Config:
+    """The prompt stage (paper section 3.2) of a dataset preset, from its learn_prompt config
+    (named where it is called): SGD at lr 0.02 (BASE_LR), cosine schedule (WarmupCosineLR) after 100 iterations
+    (WARMUP_ITERS) at 0.005x (WARMUP_FACTOR, WARMUP_METHOD "constant"), batch 32 (IMS_PER_BATCH),
+    full-model gradient clipping at 0.01 (CLIP_GRADIENTS, inherited from the dataset's Base
+    config). Momentum 0.9 is detectron2's default SOLVER.MOMENTUM."""
     cfg.train = TrainConfig(
-        stage="prompt", optimizer="sgd", lr=0.02, weight_decay=0.001, schedule="cosine",
-        warmup_iters=100, warmup_factor=0.005, iterations=16000, batch_size=32, clip_grad_norm=0.0,
+        stage="prompt", optimizer="sgd", lr=0.02, weight_decay=weight_decay, momentum=0.9, schedule="cosine",
+        warmup_iters=100, warmup_factor=0.005, iterations=iterations, batch_size=32, clip_grad_norm=0.01,
+        checkpoint_every=checkpoint_every,
     )
     return cfg
+
+
+def _coco_prompt() -> Config:
+    # coco-stuff-164k-156/mask2former_learn_prompt_bs32_16k.yaml: MAX_ITER 16000, WEIGHT_DECAY
+    # 0.001, CHECKPOINT_PERIOD 2000.
+    return _prompt_stage(_coco(), 16000, 0.001, 2000)
+
+
+# ---------------------------------------------------------------- Pascal VOC 2012 (15 seen / 5 unseen)
 
 
 def _voc() -> Config:
-    """Pascal VOC 2012 (15 seen / 5 unseen): lr 2e-5, 20k iterations, 512 crops."""
+    """Pascal VOC 2012, R101c, semantic segmentation only."""
     cfg = Config()
-    # Short sides 256..1024 for a 512 crop (official ADE recipe; VOC borrows it).
-    cfg.data = DataConfig(dataset="voc", image_size=512, augmentation="semantic", test_short_side=512,
-                          min_scale=0.5, max_scale=2.0)
-    cfg.train.lr = 2e-5
-    cfg.train.iterations = 20000
+    cfg.data = DataConfig(
+        dataset="voc",
+        image_size=512,  # VOC_BASE CROP.SIZE (512, 512)
+        # Short sides int(x * 0.1 * 640), x = 5..15: 320..960 (VOC_BASE MIN_SIZE_TRAIN, based on
+        # 640 although the crops are 512); long side at most 2048 (MAX_SIZE_TRAIN, 4 x 512).
+        augmentation="semantic", short_side_base=640, min_scale=0.5, max_scale=1.5,
+        test_short_side=512,  # VOC_BASE MIN_SIZE_TEST (MAX_SIZE_TEST 2048)
+        prompt_samples_per_class=128,  # voc-11k-15/mask2former_learn_prompt_bs16_10k.yaml SAMPLE_PER_CLASS
+    )
+    # VOC_ALLTASK: BASE_LR 2e-5, WEIGHT_DECAY 2e-5, MAX_ITER 20000, IMS_PER_BATCH 32, no warm-up,
+    # TEST.EVAL_PERIOD 2000.
+    cfg.train = TrainConfig(lr=2e-5, weight_decay=2e-5, iterations=20000, batch_size=32, eval_every=2000)
+    # VOC_ALLTASK: TASK_NAME ["semantic segmentation."]; INSTANCE_ON / PANOPTIC_ON False;
+    # CLIP_ENSEMBLE_WEIGHT 0.8 (the defaults' 0.2 / 0.8).
     cfg.inference.tasks = ("semantic",)
+    # Deliberate difference: the all-task loop draws all three tasks (docs/differences_presets.md, "VOC tasks").
     return cfg
+
+
+def _voc_prompt() -> Config:
+    # voc-11k-15/mask2former_learn_prompt_bs16_10k.yaml: MAX_ITER 3200, WEIGHT_DECAY 0.001,
+    # CHECKPOINT_PERIOD 1000.
+    return _prompt_stage(_voc(), 3200, 0.001, 1000)
+
+
+# ---------------------------------------------------------------- ADE20K-150 (135 seen / 15 unseen)
 
 
 def _ade() -> Config:
-    """ADE20K-150 (135 seen / 15 unseen), 640 crops, semantic augmentation."""
+    """ADE20K-150, R101c, all three tasks."""
     cfg = Config()
-    cfg.data = DataConfig(dataset="ade", image_size=640, augmentation="semantic", min_scale=0.5, max_scale=2.0)
-    cfg.inference.tasks = ("semantic",)
+    cfg.data = DataConfig(
+        dataset="ade",
+        image_size=512,  # ADE_ALLTASK INPUT.IMAGE_SIZE 512; ADE_BASE CROP.SIZE (512, 512)
+        # Short sides int(x * 0.1 * 512), x = 5..20: 256..1024 (ADE_BASE MIN_SIZE_TRAIN), long side
+        # at most 2048 (MAX_SIZE_TRAIN), colour jitter (COLOR_AUG_SSD), flip. ADE_ALLTASK names the
+        # mapper "ade20k_full_lsj", which train_net.py does not know; its ADE mapper
+        # (mask2former/data/dataset_mappers/ade_all_task_dataset_mapper.py) is the semantic one.
+        augmentation="semantic", min_scale=0.5, max_scale=2.0,
+        test_short_side=512,  # ADE_BASE MIN_SIZE_TEST (MAX_SIZE_TEST 2048)
+        prompt_samples_per_class=32,  # ade20k-135/mask2former_learn_prompt_bs32_16k.yaml SAMPLE_PER_CLASS
+    )
+    # ADE_BASE: BASE_LR 1e-4, WEIGHT_DECAY 1e-4 (ADE_ALLTASK keeps both), MAX_ITER 60000, IMS_PER_BATCH 32.
+    cfg.train = TrainConfig(lr=1e-4, weight_decay=1e-4, iterations=60000, batch_size=32)
+    # ADE_ALLTASK: TASK_NAME all three; OBJECT_MASK_THRESHOLD / OVERLAP_THRESHOLD 0.5 (the defaults).
     return cfg
 
 
+def _ade_prompt() -> Config:
+    # ade20k-135/mask2former_learn_prompt_bs32_16k.yaml: MAX_ITER 16000, WEIGHT_DECAY 0.0005,
+    # CHECKPOINT_PERIOD 1000.
+    return _prompt_stage(_ade(), 16000, 0.0005, 1000)
+
+
+# ---------------------------------------------------------------- the miniature world
+
+
 def _toy() -> Config:
-    """The miniature world: the same modules at tiny widths, sized to train on a laptop CPU."""
+    """The miniature world: the same modules at tiny widths, sized to train on a laptop CPU, with
+    the extensions of freeseg/extensions.py on."""
     cfg = Config()
     # Starts from the backbone stage (`toy_backbone`, the toy world's ImageNet; train.py sets
     # `weights`) and stays frozen: fine-tuning it in the all-task stage wiped out its shape
-    # features (a linear probe of shape on mask-pooled res3 features fell from 61% to 33%, and
-    # the mask classifier named the shape of seen things at chance); frozen, the mask classifier
-    # names it 43% of the time and toy mIoU rose from 32.0 to 39.7 (README).
+    # features (docs/toy_experiments.md, "Frozen backbone").
     cfg.model.backbone = BackboneConfig(depth=18, stem="basic", width=16, res5_multi_grid=(1, 1, 1), norm="gn",
                                         freeze_at=5)
-    # fine_dim: mask features at stride 2, refined by a small trainable path over the image
-    # (pixel_decoder.py), after the semantic context interaction. With the backbone frozen the
-    # masks were blurred at the outlines, where CLIP reads the shape. Two all-task seeds (with the
-    # unclaimed regions below): mIoU 63.9 / 65.9 -> 71.0 / 70.7, PQ 55.0 / 57.2 -> 62.5 / 62.7,
-    # AP 40.3 / 41.2 -> 44.5 / 44.5, seen things' best proposals IoU 0.77 -> 0.82 (1,750 steps
-    # without it, 1,500 with it; README). It makes a step about 1.4x slower, hence 1,500 steps.
     cfg.model.pixel_decoder = PixelDecoderConfig(
         conv_dim=64, mask_dim=64, num_encoder_layers=1, num_heads=4, num_points=4, ffn_dim=128, num_groups=8,
-        dropout=0.0, fine_dim=32,
+        dropout=0.0,
     )
-    # coord_masks: a per-query disc added to the mask logits (transformer_decoder.py), so a query
-    # can outline one of two identical objects. Two all-task seeds: thing IoU with a same-class
-    # twin 0.40 -> 0.65, PQ 43.4 / 41.8 -> 47.8 / 48.9, AP 23.7 / 24.3 -> 32.8 / 32.6 (README).
-    # coord_values: each pixel's position is added to the features the queries attend to, so a
-    # query learns where its object is and can put its disc there. Four all-task seeds: mIoU
-    # 55.7 / 57.8 / 58.1 / 57.4 -> 59.7 / 58.2 / 58.9 / 59.7, PQ 50.8 / 52.5 / 53.5 / 52.2 ->
-    # 53.7 / 51.7 / 55.4 / 55.7, AP 34.7 / 35.1 / 35.5 / 37.0 -> 35.6 / 36.8 / 37.2 / 37.1 (README).
     cfg.model.decoder = DecoderConfig(
         hidden_dim=64, num_queries=20, num_layers=3, num_heads=4, ffn_dim=128, class_mlp_hidden=128,
-        coord_masks=True, coord_values=True,
     )
     cfg.model.interaction = InteractionConfig(attn_dim=128, num_heads=4, dropout=0.0)
-    # The tiny CLIP has only ever read captions, so random context vectors start it far from
-    # anything it knows and the prompt stage does not recover in a few hundred steps (10%
-    # accuracy with an earlier tiny CLIP); starting the class context as the words "a photo of a"
-    # (CoOp) starts at 89% on seen-class crops and reaches 97% in 300 steps.
+    # The positional disc, the positions in the attended tokens and the stride-2 masks
+    # (docs/toy_experiments.md: "Positional disc", "Pixel positions in the attended features",
+    # "Stride-2 mask features"; the mechanisms: freeseg/extensions.py).
+    cfg.extensions = ExtensionsConfig(coord_masks=True, coord_values=True, fine_dim=32)
+    # The tiny CLIP has only ever read captions: random context vectors start it far from
+    # anything it knows, so the class context starts as the words "a photo of a" (CoOp;
+    # docs/toy_experiments.md, "Prompt context from words").
     cfg.model.prompt = PromptConfig(class_ctx=4, task_ctx=2, ctx_init="a photo of a")
     # 24 tokens hold a full prompt (task words + 2 task vectors + SOS + 4 class vectors + class
-    # words + "." + EOT: EOT at position 13-14). The tiny CLIP's captions must reach such positions
-    # too (toy_world.THING_TEMPLATES): with captions of at most 12 tokens, CLIP's untrained later
-    # position embeddings capped the prompt stage at 73-80% accuracy on seen crops; with longer
-    # captions it reaches 97%.
-    # 32x32 CLIP inputs: shape is what the tiny tower learns slowly, and at 32 px it reaches 98%
-    # zero-shot in 1800 steps of batch 64, twice as fast as at 64 px (see README).
+    # words + "." + EOT: EOT at position 13-14), and the tiny CLIP's captions reach such positions
+    # too (toy_world.THING_TEMPLATES). 32x32 CLIP inputs: shape is what the tiny tower learns
+    # slowly, and it learns it faster at 32 px than at 64 (docs/toy_experiments.md, "Tiny CLIP").
     cfg.model.clip = ClipConfig(name="", context_length=24, image_resolution=32)
-    # Mask losses at every pixel, as FreeSeg's criterion. Mask2Former's point losses
-    # (loss.train_points=2304, 3/4 of the points where the mask is least sure) raised AP by 1.9
-    # but lowered mIoU by 1.5 and PQ by 1.8 (means of 8 all-task runs against 4; README).
+    # Mask losses at every pixel, as FreeSeg's criterion (docs/toy_experiments.md, "Point losses").
     cfg.loss = LossConfig()
-    # Crop boxes grown 1.5x, for the region classifier and the prompt stage's crops alike: the tiny
-    # CLIP learned from crops grown 1.2-2x (toy_world.region_crops); tight boxes classify far
-    # worse (shared/DESIGN.md sec. 4). 1.25 and 2.0: README.
-    # CLIP weight 0.5 for seen classes (official 0.2): the toy mask classifier names about half of
-    # the seen things, CLIP about three quarters of the same proposals. On two all-task seeds 0.5 instead
-    # of 0.2 gave mIoU 55.0 / 55.2 -> 55.7 / 57.8, PQ 47.8 / 48.9 -> 50.8 / 52.5, AP 32.8 /
-    # 32.6 -> 34.7 / 35.1 (0.35 and 0.65 in the README). Chosen on toy val, as all toy settings.
-    # Masks upsampled with pixel centres aligned (align_corners=False), as the training loss
-    # upsamples them; the official inference aligns corners. Evaluation only, on eight all-task
-    # models: mIoU +0.0 to +2.0, AP +0.7 to +1.6, PQ -0.7 to +1.2 (README).
-    # Unclaimed regions of at least 1% of the image are proposals named by CLIP alone
-    # (inference.unclaimed_regions): with the stride-2 masks the proposal network learns to leave
-    # the unseen water uncovered (its best proposal IoU fell from 0.56 to 0.02), since unseen pixels
-    # are background for every mask in training; proposed as the region nobody claims, the water is
-    # outlined with IoU 0.91 and named by CLIP 97% of the time. Evaluation only, two models with
-    # fine_dim 32: mIoU 59.6 / 61.9 -> 72.2 / 73.1, unseen 41.9 / 44.2 -> 61.4 / 63.7 (README).
-    # CLIP crops only the largest part of each mask after a 1-pixel erosion, and averages each
-    # crop's features with its mirror image's (region_classifier.py): stray pixels of a proposal
-    # far from its object stretched the crop box, shrinking the object CLIP has to read the shape
-    # of. Evaluation only, five all-task models: mIoU 70.7-71.7 -> 75.4-76.6 with the largest part
-    # after erosion, -> 76.5-78.2 with the mirror image too (seen 78.8-80.4; README).
-    # CLIP names the regions against the mean of the three task prompts' text features
-    # (inference.region_text): on the same five models and two more seeds, mIoU +0.1 to +0.8
-    # (README).
+    # Chosen on toy val, as all toy settings (docs/toy_experiments.md, section of the same name):
+    # crop boxes grown 1.5x for the region classifier and the prompt stage alike, as the tiny
+    # CLIP learned from crops grown 1.2-2x (toy_world.region_crops) ("Crop boxes"); CLIP weight
+    # 0.5 for seen classes, as the toy mask classifier names fewer seen things than CLIP ("CLIP
+    # weight for seen classes"); masks upsampled with pixel centres aligned, as the training loss
+    # upsamples them ("Mask upsampling"); unclaimed regions proposed to CLIP ("Unclaimed
+    # regions"); CLIP shown the largest part of each mask after a 1-pixel erosion, and its mirror
+    # image ("What CLIP is shown"); CLIP names the regions against the mean of the three task
+    # prompts ("Task-prompt ensemble").
     cfg.inference = InferenceConfig(mask_expand_ratio=1.5, clip_chunk=64, instance_topk=20, clip_weight_seen=0.5,
                                     mask_align_corners=False, unclaimed_min_area=0.01, clip_largest_part=True,
                                     clip_erode=1, clip_flip=True, clip_task_ensemble=True)
-    # Tested at 1.5x the scenes' 96 px: masks come out on a 36x36 grid instead of 24x24. On three
-    # all-task checkpoints, testing at 144 instead of 96 raised mIoU by 2.4-3.4, PQ by 0.6-4.2 and
-    # AP by 4.6-6.0 (README). Training crops of 96 px are cut from scenes scaled 0.75-1.75x,
-    # centred nearer the test scale (0.5-1.5x before: 44.1 / 28.0 / 25.4 mIoU / PQ / AP at test
-    # 144; 0.75-1.75x: 46.3 / 31.9 / 25.1 and, seed 1, 49.0 / 33.0 / 25.7; 1.0-2.0x: 41.6 / 24.7 / 22.7).
+    # Scenes of 96 px tested at 1.5x (144 px), trained on 96-px crops of scenes scaled 0.75-1.75x,
+    # centred nearer the test scale (docs/toy_experiments.md, "Test and training scales").
     cfg.data = DataConfig(
-        dataset="toy", image_size=96, min_scale=0.75, max_scale=1.75, test_short_side=144, num_workers=0,
-        prompt_samples_per_class=200,
+        dataset="toy", image_size=96, augmentation="lsj", min_scale=0.75, max_scale=1.75, test_short_side=144,
+        num_workers=0, prompt_samples_per_class=200,
+        # Deliberate difference: the region classifier's crop (docs/differences_presets.md, "Toy prompt stage").
+        prompt_crop="region",
     )
     # Semantic iterations learn from segments, not one mask per class: a class mask asks the
-    # queries to cover two same-class things at once, which the disc above exists to keep apart.
-    # Four all-task seeds: mIoU 61.0 / 58.9 / 59.3 / 61.7 -> 63.1 / 62.9 / 62.9 / 61.9, PQ 53.1 /
-    # 51.8 / 55.6 / 55.0 -> 55.1 / 56.4 / 55.5 / 57.3, AP 36.6 / 38.1 / 38.8 / 38.6 -> 39.9 / 39.2
-    # / 38.5 / 41.1; seen things with a same-class twin outlined with IoU 0.71-0.72, not 0.66-0.69.
-    # Steps: the losses still fall at 1,500; without fine_dim, the pipeline's two ranks (torchrun, README)
-    # make a step 1.3x faster than one process with two threads, and engine.keep_freed_memory
-    # about 1.07x more, paid for 2,000 steps. One-thread seeds 0 / 1 / 2 / 3, 1,500 -> 1,750 steps: mIoU 63.1 / 62.9 /
-    # 62.9 / 61.9 -> 63.9 / 65.9 / 66.1 / 65.7, PQ 55.1 / 56.4 / 55.5 / 57.3 -> 55.0 / 57.2 /
-    # 56.4 / 58.3, AP 39.9 / 39.2 / 38.5 / 41.1 -> 40.3 / 41.2 / 42.0 / 40.3; the pipeline's own
-    # seed, 1,750 -> 2,000 steps: mIoU 63.2 -> 66.7, PQ 52.6 -> 56.3, AP 37.5 -> 40.1 (64.8, 56.2
-    # and 41.4 before the malloc setting; README). With the stride-2 masks (fine_dim above) 1,500
-    # steps fit the same time.
+    # queries to cover two same-class things at once, which the disc exists to keep apart
+    # (docs/toy_experiments.md, "Semantic targets"). 1,500 steps: docs/toy_experiments.md, "Training steps".
     cfg.train = TrainConfig(
         batch_size=8, iterations=1500, lr=1e-3, weight_decay=0.05, backbone_lr_mult=1.0,
         clip_grad_norm=1.0, amp=False, log_every=50, eval_every=0, checkpoint_every=500,
@@ -169,6 +205,7 @@ def _toy() -> Config:
 
 def _toy_prompt() -> Config:
     cfg = _toy()
+    # Deliberate difference: no gradient clipping, 300 steps of 64 (docs/differences_presets.md, "Toy prompt stage").
     cfg.train = TrainConfig(
         stage="prompt", optimizer="sgd", lr=0.02, weight_decay=0.001, schedule="cosine",
         warmup_iters=10, warmup_factor=0.005, iterations=300, batch_size=64, clip_grad_norm=0.0,
@@ -178,7 +215,7 @@ def _toy_prompt() -> Config:
 
 
 def _toy_clip() -> Config:
-    """Contrastive pre-training of the toy world's tiny CLIP (shared/DESIGN.md, section 4)."""
+    """Contrastive pre-training of the toy world's tiny CLIP (docs/design.md, "The toy world")."""
     cfg = _toy()
     cfg.train = TrainConfig(
         stage="clip", optimizer="adamw", lr=3e-3, weight_decay=0.05, schedule="cosine",
@@ -194,10 +231,7 @@ def _toy_backbone() -> Config:
     cfg = _toy()
     cfg.model.backbone.freeze_at = 0
     cfg.data.image_size = 48  # objects 22-48 px across, off centre (toy_world.attribute_batch)
-    # 1,500 steps: with objects of several sizes off centre, 1,000 steps named 97.9% of shapes and
-    # a linear probe read the shape of scene objects off mask-pooled res4 features 67.5% of the
-    # time; 1,500 steps: 99.3% and 72.5%, and toy mIoU 46.4 -> 51.0 and 48.6 -> 48.4 (two
-    # all-task seeds; README).
+    # 1,500 steps: docs/toy_experiments.md, "Backbone pre-training".
     cfg.train = TrainConfig(
         stage="backbone", optimizer="adamw", lr=3e-3, weight_decay=0.05, schedule="cosine",
         warmup_iters=20, warmup_factor=0.01, iterations=1500, batch_size=64, backbone_lr_mult=1.0,
@@ -208,9 +242,12 @@ def _toy_backbone() -> Config:
 
 PRESETS: dict[str, typing.Callable[[], Config]] = {
     "coco": _coco,
+    "coco_lsj": _coco_lsj,
     "coco_prompt": _coco_prompt,
     "voc": _voc,
+    "voc_prompt": _voc_prompt,
     "ade": _ade,
+    "ade_prompt": _ade_prompt,
     "toy": _toy,
     "toy_prompt": _toy_prompt,
     "toy_clip": _toy_clip,

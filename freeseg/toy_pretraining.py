@@ -50,10 +50,10 @@ def toy_batches(draw, cfg: C.Config, start: int, size: int, chunk: int = 300):
 
     They are drawn `chunk` at a time by one worker process per thread of this process while the
     training waits, then trained on with every thread: the batches depend only on (seed,
-    iteration, rank), so the weights are the same as if they were drawn one by one. On the
-    2-core machine one DataLoader worker drawing beside a training of two threads took a third
-    of a core, and the CLIP stage ran 1.24x faster (the backbone stage 1.4x) drawn this way
-    (docs/toy_experiments.md). A chunk of CLIP batches holds 60 MB, of backbone batches 130 MB.
+    iteration, rank), so the weights are the same as if they were drawn one by one. A
+    DataLoader worker drawing beside the training took more time from it than it saved
+    (docs/toy_experiments.md, "Drawing the pre-training batches"). A chunk of CLIP batches
+    holds 60 MB, of backbone batches 130 MB.
     """
     batch = cfg.train.batch_size // dist.get_world_size()
     jobs = [(draw, cfg.train.seed, it, dist.get_rank(), batch, size) for it in range(start, cfg.train.iterations)]

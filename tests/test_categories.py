@@ -1,4 +1,4 @@
-"""Category lists: counts, unseen lists exactly as shared/DESIGN.md section 2, id mappings."""
+"""Category lists: counts, unseen lists exactly as docs/design.md ("Seen and unseen classes"), id mappings."""
 
 import numpy as np
 import pytest

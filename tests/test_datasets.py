@@ -79,12 +79,29 @@ def test_semantic_only_dataset(tmp_path):
 
 
 def test_crop_dataset_cuts_the_segment(toy_dir):
-    ds = SegmentCropDataset(toy_dir, "train", size=32, expand_ratio=1.5)
+    from freeseg.clip import CLIP_MEAN, CLIP_STD, normalize_pixels
+    from freeseg.crops import crop_masked_regions
+    from freeseg.data.transforms import PromptCrop
+
+    ds = SegmentCropDataset(toy_dir, "train")
     seen = {c["id"] for c in load_meta(toy_dir)["categories"] if c["seen"]}
     labels = [ds.index[i]["category_id"] for i in range(len(ds))]
     assert set(labels) <= seen and max(np.bincount(labels)) <= 5  # seen only, per-class cap
-    crop, label = ds[0]
+    sample = ds[0]
+    assert sample["image"].dtype == torch.uint8 and sample["mask"].shape == sample["image"].shape[1:]
+    assert sample["mask"].any() and sample["label"] == labels[0]
+    # "region": exactly the region classifier's crop, CLIP's mean colour outside the mask.
+    crop, label = PromptCrop("region", 32, 1.5)(sample, np.random.default_rng(0))
+    mean = tuple(255.0 * m for m in CLIP_MEAN)
+    assert torch.equal(crop, crop_masked_regions(sample["image"].float(), sample["mask"][None], 32, 1.5, mean)[0])
     assert crop.shape == (3, 32, 32) and crop.dtype == torch.float32 and label == labels[0]
+    # "random" (official): outside the mask, CLIP's mean once normalised; the same seed, the same crop.
+    crop = PromptCrop("random", 32, 1.0)(sample, np.random.default_rng(0))[0]
+    assert torch.equal(crop, PromptCrop("random", 32, 1.0)(sample, np.random.default_rng(0))[0])
+    normalised = normalize_pixels(crop[None])[0]  # (3, 32, 32)
+    outside = (normalised - torch.tensor(CLIP_MEAN).view(3, 1, 1)).abs().amax(0) < 1e-5
+    assert outside.any() and not outside.all()
+    assert abs(255 * CLIP_MEAN[0] * (1 + CLIP_STD[0]) - crop[0][outside][0]) < 1e-3
 
 
 def _copy_prepared(toy_dir, tmp_path) -> str:

@@ -1,4 +1,4 @@
-"""Results JSON of shared/DESIGN.md section 5 and the printed table."""
+"""Results JSON of docs/design.md ("Results file") and the printed table."""
 
 import json
 import math

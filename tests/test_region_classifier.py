@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from freeseg.clip import CLIP, CLIP_MEAN, CLIP_STD
-from freeseg.modeling.region_classifier import (
-    RegionClassifier, crop_masked_regions, expand_boxes, geometric_ensemble, largest_parts, mask_boxes,
-)
+from freeseg.crops import crop_masked_regions, expand_boxes, mask_boxes
+from freeseg.modeling.region_classifier import RegionClassifier, geometric_ensemble, largest_parts
 
 FILL = (10.0, 20.0, 30.0)
 

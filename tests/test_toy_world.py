@@ -73,7 +73,7 @@ def test_region_crops_cut_segments_as_the_region_classifier_does():
     import torch
 
     from freeseg.data.toy_world import CLIP_MEAN_255, region_crops
-    from freeseg.modeling.region_classifier import crop_masked_regions
+    from freeseg.crops import crop_masked_regions
 
     images, labels = region_crops(np.random.default_rng(3), 12, 32, expand=(1.5, 1.5), jitter=False)
     assert images.shape == (12, 3, 32, 32) and images.dtype == np.uint8

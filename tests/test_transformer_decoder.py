@@ -77,31 +77,6 @@ def test_attention_mask_rule():
     assert torch.equal(attn_mask[0], attn_mask[1])  # the same mask for every head
 
 
-def test_coord_masks_start_as_mask2former_and_draw_a_disc():
-    from freeseg.modeling.transformer_decoder import COORD_UNIT
-
-    multi_scale, mask_features = inputs(2)
-    torch.manual_seed(0)
-    plain = tiny_decoder().eval()
-    torch.manual_seed(0)
-    coord = tiny_decoder(coord_masks=True).eval()
-    assert plain.coord_embed is None and "coord_embed.weight" not in plain.state_dict()
-    with torch.no_grad():  # zero-initialised: the same network as without the option
-        a, b = plain(multi_scale, mask_features), coord(multi_scale, mask_features)
-        assert torch.equal(a["pred_masks"], b["pred_masks"]) and torch.equal(a["pred_embeds"], b["pred_embeds"])
-        # Queries -> (a, b, c) through the bias alone. A disc of radius 3 cells around cell
-        # (row 5, col 14) of a 16 x 24 map (centre at 7.5, 11.5): in coordinate units
-        # rho^2 - (u - u0)^2 - (v - v0)^2 = 2 u0 u + 2 v0 v - (u^2 + v^2) + (rho^2 - u0^2 - v0^2).
-        u0, v0, rho = (14 - 11.5) / COORD_UNIT, (5 - 7.5) / COORD_UNIT, 3 / COORD_UNIT
-        coord.coord_embed.bias.copy_(torch.tensor([2 * u0, 2 * v0, -1.0]))
-        logits = coord.coord_logits(torch.zeros(1, 1, 16), (16, 24))[0, 0]
-    rows, cols = torch.meshgrid(torch.arange(16.0), torch.arange(24.0), indexing="ij")
-    disc = logits + rho**2 - u0**2 - v0**2
-    inside = (rows - 5) ** 2 + (cols - 14) ** 2 < 3**2
-    assert torch.equal(disc > 1e-4, inside) and inside.sum() == 25
-    assert divmod(int(logits.argmax()), 24) == (5, 14)
-
-
 def test_masked_pixels_do_not_reach_the_query():
     # One query, one layer: perturbing level-0 pixels that the query's first mask hides leaves
     # the layer's output unchanged; perturbing a visible pixel changes it.
@@ -187,30 +162,3 @@ def test_full_size_forward_640():
     assert out["pred_masks"].shape == (1, 100, 160, 160)
     assert len(out["aux_outputs"]) == 10 and out["pred_masks"].isfinite().all()
     assert elapsed < 600, f"full-size forward took {elapsed:.0f} s"
-
-
-def test_coord_values_start_as_mask2former_and_share_the_disc_coordinates():
-    import torch.nn.functional as F
-
-    from freeseg.modeling.transformer_decoder import COORD_UNIT, cell_coords
-
-    multi_scale, mask_features = inputs(2)
-    torch.manual_seed(0)
-    plain = tiny_decoder(coord_masks=True).eval()
-    torch.manual_seed(0)
-    both = tiny_decoder(coord_masks=True, coord_values=True).eval()
-    assert plain.coord_value is None and set(both.state_dict()) - set(plain.state_dict()) == {
-        "coord_value.weight", "coord_value.bias"}
-    with torch.no_grad():  # zero-initialised: the same network as without the option
-        a, b = plain(multi_scale, mask_features), both(multi_scale, mask_features)
-        assert torch.equal(a["pred_masks"], b["pred_masks"]) and torch.equal(a["pred_embeds"], b["pred_embeds"])
-        both.coord_value.weight.normal_()  # now the queries read positions and their masks change
-        assert not torch.allclose(both(multi_scale, mask_features)["pred_masks"], a["pred_masks"], atol=1e-3)
-    # The attended levels (2x3, 4x6, 8x12) over the 16x24 mask features: each coarse cell sits
-    # at the mean of the mask-feature cells it covers, and those are the disc's coordinates.
-    fine = torch.stack(cell_coords((16, 24), (16, 24), torch.float64, "cpu"))
-    rows, cols = torch.meshgrid(torch.arange(16.0), torch.arange(24.0), indexing="ij")
-    torch.testing.assert_close(fine, torch.stack([cols - 11.5, rows - 7.5]).double() / COORD_UNIT)
-    for h, w in [(2, 3), (4, 6), (8, 12)]:
-        coarse = torch.stack(cell_coords((h, w), (16, 24), torch.float64, "cpu"))
-        torch.testing.assert_close(coarse, F.avg_pool2d(fine, 16 // h))

@@ -60,11 +60,11 @@ def test_prompt_restored_when_tuning_fails(monkeypatch):
     before = model.prompt_learner.prefix_prompt.detach().clone()
     calls = []
 
-    def failing_decode(feats, text, timings=None):
+    def failing_decode(feats, text):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("boom")
-        return type(model).decode(model, feats, text, timings)
+        return type(model).decode(model, feats, text)
 
     monkeypatch.setattr(model, "decode", failing_decode)
     cfg = TTPTConfig(enabled=True, steps=3, lr=1.0, entropy_threshold=1.0)

@@ -16,7 +16,7 @@ Sources (facts, bytedance/FreeSeg): COCO-Stuff names and ids from
 `mask2former/data/datasets/register_coco_full.py` and `datasets/prepare_coco_alldata.py`
 (raw ids 0..181 with gaps -> 0..170); the 133 COCO panoptic categories from
 `register_coco_panoptic.py` (detectron2's list); VOC from `register_voc_seg.py`; ADE20K-150 from
-`register_ade20k_all_data.py` (names and thing flags). Unseen lists: shared/DESIGN.md section 2
+`register_ade20k_all_data.py` (names and thing flags). Unseen lists: docs/design.md, "Seen and unseen classes"
 (the official `novel_clsID` / `NOVEL_ID` lists; the same classes).
 
 Names are the official ones verbatim (the official prompts were learned on these strings),

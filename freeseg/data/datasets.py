@@ -9,8 +9,8 @@
   detectron2's panoptic mapper. Datasets without panoptic PNGs (VOC, ADE) get one segment per
   class present in the semantic map, with isthing False.
 - `SegmentCropDataset`: the prompt stage's data (paper section 3.2): one ground-truth segment
-  cut out of its image with `crop_masked_regions` (pixels outside the mask = CLIP's mean colour)
-  -> (crop float (3, R, R) 0-255, contiguous class id).
+  of a seen class, `{"image": uint8 (3, H, W), "mask": bool (H, W), "label": contiguous class
+  id}`, which `transforms.PromptCrop` cuts out for CLIP.
 Batching (samples stay a list) and the data order live in `freeseg/engine.py`.
 
 Differences from the official code: no detectron2 dataset registry or mapper classes; every
@@ -111,18 +111,14 @@ class SegmentationDataset(Dataset):
 
 
 class SegmentCropDataset(Dataset):
-    """Masked crops of the ground-truth segments listed in `segments_<split>.json`.
+    """The ground-truth segments listed in `segments_<split>.json` (the prompt stage's pool).
 
-    Each item is (crop float (3, size, size) 0-255, contiguous class id); the prompt stage
-    classifies it against the text features of the seen classes.
+    Each item is `{"image": uint8 (3, H, W), "mask": bool (H, W), "label": contiguous class id}`;
+    `transforms.PromptCrop` (through `engine.SeededDataset`) turns it into CLIP's input.
     """
 
-    def __init__(self, prepared_dir: str, split: str = "train", size: int = 224, expand_ratio: float = 1.0) -> None:
-        from freeseg.clip import CLIP_MEAN
-
+    def __init__(self, prepared_dir: str, split: str = "train") -> None:
         self.root = _data_root(prepared_dir)
-        self.size, self.expand_ratio = size, expand_ratio
-        self.fill = tuple(255.0 * m for m in CLIP_MEAN)  # masked-out pixels = CLIP's mean colour
         self.index = load_json(os.path.join(prepared_dir, f"segments_{split}.json"), "prompt-stage segment index")
         records = load_json(os.path.join(prepared_dir, f"{split}.json"), f"prepared {split} split")
         self.records = {r["image_id"]: r for r in records}
@@ -131,9 +127,7 @@ class SegmentCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from freeseg.modeling.region_classifier import crop_masked_regions
-
+    def __getitem__(self, index: int) -> dict:
         entry = self.index[index]
         record = self.records[entry["image_id"]]
         image_path = os.path.join(self.root, record["file_name"])
@@ -150,6 +144,5 @@ class SegmentCropDataset(Dataset):
         if not mask.any():
             raise DataError(f"segment {entry['segment_id']} of image {record['file_name']} is empty in the "
                             f"prepared annotation (stale segments index? re-run prepare_data.py --force)")
-        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()  # (3, H, W)
-        crop = crop_masked_regions(image_t, torch.from_numpy(mask)[None], self.size, self.expand_ratio, self.fill)
-        return crop[0], int(entry["category_id"])  # (3, size, size)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),  # (3, H, W)
+                "mask": torch.from_numpy(mask), "label": int(entry["category_id"])}

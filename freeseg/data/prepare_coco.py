@@ -1,6 +1,6 @@
 """Convert COCO (and the toy world, which uses the same raw layout) into the prepared layout.
 
-Raw layout read (detectron2 conventions, shared/DESIGN.md section 3), for S in train, val:
+Raw layout read (detectron2 conventions, docs/design.md, "Data layouts"), for S in train, val:
 
     coco/{S}2017/*.jpg                           images (the toy world: *.png)
     coco/annotations/panoptic_{S}2017.json       COCO panoptic: images, segments_info, categories

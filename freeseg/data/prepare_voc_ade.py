@@ -1,6 +1,6 @@
 """Convert Pascal VOC 2012 (aug) and ADE20K-150 into the prepared layout (semantic only).
 
-Raw layouts read (detectron2 conventions under one data root, shared/DESIGN.md section 3):
+Raw layouts read (detectron2 conventions under one data root, docs/design.md, "Data layouts"):
 
     VOC2012/JPEGImages/<id>.jpg
     VOC2012/SegmentationClassAug/<id>.png   single-channel: 0 background, 1..20 classes, 255 border

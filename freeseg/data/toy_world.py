@@ -1,14 +1,11 @@
-"""The miniature world: coloured shapes on textured backgrounds (shared/DESIGN.md, section 4).
+"""The miniature world: coloured shapes on textured backgrounds (docs/design.md, "The toy world").
 
 A stand-in for COCO in which the whole FreeSeg recipe runs on a CPU in minutes. Scenes have
 1-3 "stuff" regions (sky, grass, sand, water, wall: five textures split by wavy boundaries) and
 1-5 "things" (6 colours x 5 shapes = 30 classes such as "red circle" or "blue star") of random
 size (20-48 px across in a 96-px scene), position and rotation, with repeated classes, overlaps
-and occlusion. Things are this large because masks are predicted at stride 4: on the 24x24 mask
-grid of a 96-px image, the best mask a grid can draw (area-averaged, upsampled bilinearly)
-overlaps a 12-36 px thing with IoU 0.85 on average and a 20-48 px thing with 0.91, and the
-same toy model, trained on 20-48 px things instead of 12-36 px, went from 36.9 to 42.0 mIoU
-(README).
+and occlusion. Things are this large because masks are predicted at stride 4, and a grid of
+24x24 cells outlines smaller things too coarsely (docs/toy_experiments.md, "Thing sizes").
 
 Written in the COCO raw layout under `<root>/toy/` (`train2017/`, `val2017/`,
 `annotations/{panoptic,instances}_{train,val}2017.json`, `panoptic_{train,val}2017/`,
@@ -37,7 +34,7 @@ from scipy import ndimage
 
 from freeseg.clip import CLIP_MEAN
 
-# Saturated hues far apart, so colour is easy and shape is the real task (DESIGN.md section 4).
+# Saturated hues far apart, so colour is easy and shape is the real task (docs/design.md, "The toy world").
 COLORS = {
     "red": (215, 35, 35), "orange": (245, 140, 20), "yellow": (240, 220, 40),
     "green": (35, 165, 55), "blue": (35, 75, 215), "purple": (145, 45, 185),
@@ -250,7 +247,7 @@ def region_crops(rng: np.random.Generator, n: int, size: int, scene_size: int = 
     """
     import torch
 
-    from freeseg.modeling.region_classifier import crop_masked_regions
+    from freeseg.crops import crop_masked_regions
 
     images, labels = np.zeros((n, 3, size, size), dtype=np.uint8), np.zeros(n, dtype=np.int64)
     i = 0
@@ -351,8 +348,7 @@ def attribute_batch(rng: np.random.Generator, n: int, size: int = 48) -> tuple[n
     classes. At 48 px the objects are 22-48 px across, up to 7 px off centre: things are 20-48
     px in the 96-px scenes and 30-72 px at the test size of 144, and a backbone that has seen
     only centred objects of 22-41 px reads their shape worse (ImageNet pre-training, too, crops
-    and rescales at random). With 22-41 px and 5 px off centre, three all-task seeds scored 43.6
-    mIoU on average (unseen 35.3); with these ranges 48.3 (unseen 41.7; README).
+    and rescales at random; docs/toy_experiments.md, "Thing sizes").
     """
     images = np.zeros((n, 3, size, size), dtype=np.uint8)
     classes = rng.integers(len(NAMES), size=n)

@@ -20,6 +20,7 @@ Recipes (the paper, section 4.1, defers to Mask2Former; numbers from the officia
   (0.5x to 2.0x the crop), max long side 2048 (4x), crop 512, single-category max area 1.0.
 - test: `TestResize` of the short side (MIN_SIZE_TEST), long side at most 4x that
   (MAX_SIZE_TEST 2560 for 640, 2048 for 512).
+- prompt stage: `PromptCrop` cuts one segment out for CLIP (`DataConfig.prompt_crop`).
 
 Deliberate differences from the official code:
 - The official COCO all-task mapper ("coco_full_lsj") builds the LSJ list but then hands the
@@ -29,7 +30,7 @@ Deliberate differences from the official code:
 - Photometric distortion works in float HSV without OpenCV and rounds to uint8 once at the end
   (OpenCV's version rounds to uint8 HSV after every step).
 - The semantic recipe derives its short sides from `DataConfig.min_scale/max_scale` (steps of
-  0.1 x crop size) instead of a separate list field.
+  0.1 x `short_side_base`, the crop size unless set) instead of a separate list field.
 """
 
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from freeseg.config import DataConfig
+from freeseg.crops import crop_masked_regions, random_resized_masked_crop
 
 Sample = dict[str, Any]
 Rng = np.random.Generator | torch.Generator
@@ -391,8 +393,39 @@ def build_transforms(cfg: DataConfig, train: bool) -> Compose | TestResize:
     if cfg.augmentation == "lsj":
         return lsj(cfg.image_size, cfg.min_scale, cfg.max_scale)
     if cfg.augmentation == "semantic":
-        sides = semantic_short_sides(cfg.image_size, cfg.min_scale, cfg.max_scale)
+        sides = semantic_short_sides(cfg.short_side_base or cfg.image_size, cfg.min_scale, cfg.max_scale)
         # Official: MAX_SIZE_TRAIN = 4 x crop (2048 for 512, 2560 for 640); max area 1.0 in
         # every FreeSeg config, so the crop rule is off unless asked for.
         return semantic_train(cfg.image_size, sides, 4 * cfg.image_size)
     raise ValueError(f"data.augmentation must be 'lsj' or 'semantic', got {cfg.augmentation!r}")
+
+
+class PromptCrop:
+    """A prompt-stage segment `{"image", "mask", "label"}` -> (crop float (3, size, size) 0-255, label).
+
+    recipe "random" (the official prompt stage, freeseg/crops.py `random_resized_masked_crop`):
+    outside the mask CLIP's mean colour *in normalised space*, as the official
+    ProposalClipClassifier fills after normalising with CLIP's mean instead of zero, i.e. the
+    colour 255 * mean * (1 + std) before normalising. recipe "region": the region classifier's
+    crop at inference (`crop_masked_regions`, CLIP's mean colour, zero after normalising).
+    """
+
+    def __init__(self, recipe: str, size: int, expand_ratio: float) -> None:
+        if recipe not in ("random", "region"):
+            raise ValueError(f"data.prompt_crop must be 'random' or 'region', got {recipe!r}")
+        from freeseg.clip import CLIP_MEAN, CLIP_STD
+
+        self.recipe, self.size, self.expand_ratio = recipe, size, expand_ratio
+        if recipe == "random":
+            self.fill = tuple(255.0 * m * (1.0 + s) for m, s in zip(CLIP_MEAN, CLIP_STD))
+        else:
+            self.fill = tuple(255.0 * m for m in CLIP_MEAN)
+
+    def __call__(self, sample: Sample, rng: Rng) -> tuple[torch.Tensor, int]:
+        image = sample["image"].float()
+        if self.recipe == "random":
+            crop = random_resized_masked_crop(image, sample["mask"], self.size, self.expand_ratio, self.fill,
+                                              as_numpy_rng(rng))
+        else:
+            crop = crop_masked_regions(image, sample["mask"][None], self.size, self.expand_ratio, self.fill)[0]
+        return crop, sample["label"]

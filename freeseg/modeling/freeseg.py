@@ -25,32 +25,21 @@ Deliberate differences: `forward` returns the same output dict in training and e
 criterion and post-processing are separate objects, inference.py drives evaluation); the image
 normalisation pads to a multiple of `size_divisibility` with zeros after normalising, as
 detectron2's ImageList does, and reports the unpadded size.
+Extension point: an optional `mask_refiner` module (FreeSeg has none; the toy world's stride-2
+masks, freeseg/extensions.py) reads the image once (`read_image`) and turns the mask features
+into finer ones before the decoder.
 Axis legend: B batch, Q queries, K classes, E embedding dim, H W spatial.
 """
-
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freeseg import extensions
 from freeseg.config import Config
 from freeseg.modeling.backbone import build_backbone
 from freeseg.modeling.interaction import SemanticContextInteraction
-from freeseg.modeling.pixel_decoder import build_pixel_decoder
 from freeseg.modeling.prompts import build_prompts
-from freeseg.modeling.transformer_decoder import build_transformer_decoder
-
-
-def record_time(timings: dict | None, key: str, start: float) -> float:
-    """Add the seconds since `start` to timings[key] (when timing is asked for); -> now.
-    On a GPU the queued kernels are waited for first, so each stage gets its own time."""
-    if timings is not None and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    now = time.perf_counter()
-    if timings is not None:
-        timings[key] = timings.get(key, 0.0) + now - start
-    return now
 
 
 class FreeSeg(nn.Module):
@@ -58,8 +47,7 @@ class FreeSeg(nn.Module):
 
     Output of `decode` / `forward` (the same in train and eval):
         {"pred_logits": (B, Q, K + 1) scaled cosine similarities, last column = no object,
-         "pred_masks": (B, Q, H/4, W/4) mask logits (H/2, W/2 with the toy preset's
-                       `pixel_decoder.fine_dim`),
+         "pred_masks": (B, Q, H/4, W/4) mask logits (at the `mask_refiner`'s stride if any),
          "pred_embeds": (B, Q, E) raw query embeddings,
          "aux_outputs": [{"pred_logits", "pred_masks", "pred_embeds"}, ...] earlier layers}
     """
@@ -68,10 +56,11 @@ class FreeSeg(nn.Module):
                  decoder: nn.Module, prompt_learner: nn.Module, clip_model: nn.Module,
                  pixel_mean: tuple[float, ...] = (123.675, 116.280, 103.530),
                  pixel_std: tuple[float, ...] = (58.395, 57.120, 57.375), logit_scale: float = 100.0,
-                 size_divisibility: int = 32, trainable_prompts: bool = False):
+                 size_divisibility: int = 32, trainable_prompts: bool = False, mask_refiner: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
+        self.mask_refiner = mask_refiner  # registered here: its parameters follow the pixel decoder's
         self.interaction = interaction
         self.decoder = decoder
         self.prompt_learner = prompt_learner
@@ -108,26 +97,21 @@ class FreeSeg(nn.Module):
         d = self.size_divisibility
         return size[0] + (-size[0]) % d, size[1] + (-size[1]) % d
 
-    def extract(self, images: torch.Tensor, timings: dict | None = None) -> dict:
+    def extract(self, images: torch.Tensor) -> dict:
         """images (B, 3, H, W) float 0-255 -> {"mask_features": (B, C, H'/4, W'/4),
-        "multi_scale": 3 x (B, C, h_l, w_l) lowest resolution first, "image_size": (H, W)},
-        where H', W' are H, W padded up to a multiple of `size_divisibility`; with
-        `pixel_decoder.fine_dim` also "image_features" (B, fine_dim, H'/2, W'/2), from which
-        `decode` refines the mask features to stride 2."""
+        "multi_scale": 3 x (B, C, h_l, w_l) lowest resolution first, "image_size": (H, W)}, where
+        H', W' are H, W padded up to a multiple of `size_divisibility`; with a `mask_refiner`
+        also "refiner_input", what it read from the padded, normalised image."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"FreeSeg.extract: images must be (B, 3, H, W), got {tuple(images.shape)}")
-        start = time.perf_counter()
         H, W = images.shape[-2:]
         x = (images.float() - self.pixel_mean) / self.pixel_std
         Hp, Wp = self.padded_size((H, W))
         x = F.pad(x, (0, Wp - W, 0, Hp - H))  # (B, 3, H', W'), zeros = the mean colour
-        res = self.backbone(x)
-        start = record_time(timings, "backbone", start)
-        mask_features, multi_scale = self.pixel_decoder(res)
+        mask_features, multi_scale = self.pixel_decoder(self.backbone(x))
         out = {"mask_features": mask_features, "multi_scale": list(multi_scale), "image_size": (H, W)}
-        if self.pixel_decoder.fine_dim:
-            out["image_features"] = self.pixel_decoder.image_features(x)
-        record_time(timings, "pixel_decoder", start)
+        if self.mask_refiner is not None:  # once per image; decode refines once per task
+            out["refiner_input"] = self.mask_refiner.read_image(x)
         return out
 
     def text_features(self, class_names: list[str], task: str | None) -> torch.Tensor:
@@ -140,20 +124,18 @@ class FreeSeg(nn.Module):
         """[text; no-object] (K + 1, E), every row L2-normalised."""
         return torch.cat([text_features, F.normalize(self.non_object_embedding, dim=-1)], dim=0)
 
-    def decode(self, features: dict, text_features: torch.Tensor, timings: dict | None = None) -> dict:
+    def decode(self, features: dict, text_features: torch.Tensor) -> dict:
         """features from `extract`, text_features (K, E) L2-normalised -> output dict (class docstring)."""
-        start = time.perf_counter()
         weights = self.classifier_weights(text_features)  # (K + 1, E)
         multi_scale, mask_features = features["multi_scale"], features["mask_features"]
         if self.interaction is not None:
             *multi_scale, mask_features = self.interaction.forward_pyramid(multi_scale + [mask_features], weights)
-        if "image_features" in features:  # after the interaction, which so runs at stride 4
-            mask_features = self.pixel_decoder.refine(mask_features, features["image_features"])
+        if self.mask_refiner is not None:  # after the interaction, which so keeps to stride 4
+            mask_features = self.mask_refiner(mask_features, features["refiner_input"])
         out = self.decoder(multi_scale, mask_features)
         for pred in [out] + out["aux_outputs"]:
             embeds = F.normalize(pred["pred_embeds"], dim=-1)  # (B, Q, E)
             pred["pred_logits"] = self.logit_scale * embeds @ weights.t()  # (B, Q, K + 1)
-        record_time(timings, "interaction_decoder", start)
         return out
 
     def forward(self, images: torch.Tensor, class_names: list[str], task: str,
@@ -166,12 +148,14 @@ class FreeSeg(nn.Module):
 
 
 def build_freeseg(cfg: Config, clip_model: nn.Module, tokenizer) -> FreeSeg:
-    """The full model of `cfg.model` around an already built CLIP (freeseg.clip.load / build_model)."""
+    """The full model of `cfg.model` around an already built CLIP (freeseg.clip.load / build_model).
+    The two builders from freeseg/extensions.py give the paper's pixel decoder and transformer
+    decoder, and no mask refiner, unless `cfg.extensions` switches the toy world's on."""
     m = cfg.model
     backbone = build_backbone(m.backbone)
-    pixel_decoder = build_pixel_decoder(m.pixel_decoder, backbone.out_channels, backbone.out_strides)
+    pixel_decoder, mask_refiner = extensions.build_pixel_decoder(cfg, backbone.out_channels, backbone.out_strides)
     embed_dim = clip_model.embed_dim
-    decoder = build_transformer_decoder(m.decoder, m.pixel_decoder.conv_dim, m.pixel_decoder.mask_dim, embed_dim)
+    decoder = extensions.build_transformer_decoder(cfg, embed_dim)
     interaction = None
     if m.interaction.enabled:
         if m.pixel_decoder.conv_dim != m.pixel_decoder.mask_dim:
@@ -181,7 +165,10 @@ def build_freeseg(cfg: Config, clip_model: nn.Module, tokenizer) -> FreeSeg:
                                                  attn_dim=m.interaction.attn_dim, num_heads=m.interaction.num_heads,
                                                  layer_scale_init=m.interaction.layer_scale_init,
                                                  dropout=m.interaction.dropout)
-    return FreeSeg(backbone=backbone, pixel_decoder=pixel_decoder, interaction=interaction, decoder=decoder,
-                   prompt_learner=build_prompts(m.prompt, clip_model, tokenizer), clip_model=clip_model,
-                   pixel_mean=tuple(m.pixel_mean), pixel_std=tuple(m.pixel_std), logit_scale=m.logit_scale,
-                   size_divisibility=m.size_divisibility)
+    model = FreeSeg(backbone=backbone, pixel_decoder=pixel_decoder, interaction=interaction, decoder=decoder,
+                    prompt_learner=build_prompts(m.prompt, clip_model, tokenizer), clip_model=clip_model,
+                    pixel_mean=tuple(m.pixel_mean), pixel_std=tuple(m.pixel_std), logit_scale=m.logit_scale,
+                    size_divisibility=m.size_divisibility, mask_refiner=mask_refiner)
+    # Toy checkpoints that name the refiner's layers under the pixel decoder load too.
+    model.register_load_state_dict_pre_hook(extensions.rename_old_keys)
+    return model

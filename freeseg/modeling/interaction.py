@@ -5,7 +5,7 @@ feature map of the pixel decoder is enriched with the text embeddings of the cur
 class prompts through cross-attention, pixels as queries and texts as keys/values.
 
 Facts from the official code (bytedance/FreeSeg, mask2former/modeling/heads/module.py,
-`ContextInteraction` and `MultiHeadAttention`; shapes from shared/data/official_freeseg_r101c_keys.tsv):
+`ContextInteraction` and `MultiHeadAttention`; shapes from tests/data/official_freeseg_r101c_keys.tsv):
   - ONE module (`sem_seg_head.interaction`) is shared by the three multi-scale features and the
     mask features (mask_former_interaction_head.py applies it to all four in a loop);
   - pre-LayerNorm on both sides (`layer_norm_q_1` (256), `layer_norm_k_1` (512)), q/k/v

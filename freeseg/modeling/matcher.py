@@ -24,8 +24,8 @@ signature follows): they *downsample the targets* to the prediction size (neares
 memory; here the predictions are *upsampled* to the target size (bilinear), exactly as the loss
 does, so the matcher minimises the very quantity the criterion measures. At 640x640, Q=100 the
 pairwise terms need two (Q, S) float buffers (about 330 MB): fine on a GPU. It matters on the
-toy world: matching at the 24x24 prediction size with nearest-sampled targets made steps 1.4x
-faster but cost 2.7 mIoU, 9.8 PQ and 4.8 AP (same checkpoints, 2,000 steps; docs/toy_experiments.md).
+toy world, where matching at the prediction size with nearest-sampled targets was faster but
+worse on every metric (docs/toy_experiments.md, "Matching at the target's size").
 
 `num_points` > 0 takes Mask2Former's cheaper way instead (facebookresearch/Mask2Former
 `mask2former/modeling/matcher.py`, TRAIN_NUM_POINTS 112 * 112 in its configs): the costs of one

@@ -22,16 +22,10 @@ Deliberate differences from the official code: no padding masks / valid ratios (
 pads inside a batch: LSJ crops are square, test images run one at a time), so reference points
 are plain pixel centres; exactly one FPN level (res2), which is what the fixed res3..res5 encoder
 input implies; the feed-forward width comes from the config instead of a hard-coded 1024.
-
-Toy preset only (`fine_dim` > 0): mask features at stride 2, from a small trainable path over
-the image itself. The toy backbone stays frozen (fine-tuning it wiped out its shape features),
-so without it the masks could only be drawn from frozen stride-4 features and were blurred at
-the outlines, which is where CLIP reads an object's shape. With it, seen things' best proposals
-rose from IoU 0.77 to 0.82-0.83 on toy val (docs/toy_experiments.md). Its weights are new,
-so an official checkpoint never has them and `fine_dim` stays 0 in every paper preset.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -173,7 +167,13 @@ class DeformableEncoder(nn.Module):
 
 
 class MSDeformAttnPixelDecoder(nn.Module):
-    """See the module docstring. `in_channels` / `in_strides` are the backbone's dicts."""
+    """See the module docstring. `in_channels` / `in_strides` are the backbone's dicts.
+
+    `make_extra_layers`: called once every layer of this decoder exists and before its FPN convs
+    get their initial values; a builder that adds layers of its own to the model (the toy world's,
+    freeseg/extensions.py) makes them there, so that all random initial values are drawn in one
+    fixed order. FreeSeg has none.
+    """
 
     def __init__(
         self,
@@ -187,7 +187,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         ffn_dim: int = 1024,
         dropout: float = 0.0,
         num_groups: int = 32,
-        fine_dim: int = 0,
+        make_extra_layers: Callable[[], None] | None = None,
     ):
         super().__init__()
         expected = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
@@ -213,26 +213,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.Conv2d(conv_dim, conv_dim, 3, padding=1, bias=False), nn.GroupNorm(num_groups, conv_dim), nn.ReLU()
         )
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, 1)
-        convs = [self.adapter_1[0], self.layer_1[0], self.mask_features]
-        # The stride-2 step (toy preset only, see the module docstring): two convs over the image,
-        # then (in `refine`) the stride-4 mask features reduced to fine_dim, upsampled and added,
-        # one 3x3 conv and a 1x1 conv back to mask_dim.
-        self.fine_dim = fine_dim
-        if fine_dim:
-            groups = min(num_groups, fine_dim)
-            self.image_path = nn.Sequential(
-                nn.Conv2d(3, fine_dim, 3, stride=2, padding=1, bias=False), nn.GroupNorm(groups, fine_dim), nn.ReLU(),
-                nn.Conv2d(fine_dim, fine_dim, 3, padding=1, bias=False), nn.GroupNorm(groups, fine_dim),
-            )
-            self.fine_lateral = nn.Sequential(nn.Conv2d(mask_dim, fine_dim, 1, bias=False),
-                                              nn.GroupNorm(groups, fine_dim))
-            self.fine_layer = nn.Sequential(
-                nn.Conv2d(fine_dim, fine_dim, 3, padding=1, bias=False), nn.GroupNorm(groups, fine_dim), nn.ReLU()
-            )
-            self.fine_mask_features = nn.Conv2d(fine_dim, mask_dim, 1)
-            convs += [self.image_path[0], self.image_path[3], self.fine_lateral[0], self.fine_layer[0],
-                      self.fine_mask_features]
-        for conv in convs:
+        if make_extra_layers is not None:
+            make_extra_layers()
+        for conv in (self.adapter_1[0], self.layer_1[0], self.mask_features):
             # detectron2's `c2_xavier_fill`: Caffe2's "Xavier" is He-uniform with a = 1.
             nn.init.kaiming_uniform_(conv.weight, a=1)
             if conv.bias is not None:
@@ -254,23 +237,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
         fpn = self.layer_1(lateral + up)  # (B, C, H/4, W/4)
         return self.mask_features(fpn), multi_scale  # (B, mask_dim, H/4, W/4), 3 x (B, C, H_l, W_l)
 
-    def image_features(self, image: Tensor) -> Tensor:
-        """The stride-2 path's own features of the normalised image (B, 3, H, W) -> (B, fine_dim, H/2, W/2)."""
-        with torch.autocast(device_type=image.device.type, enabled=False):
-            return self.image_path(image.float())
-
-    def refine(self, mask_features: Tensor, image_features: Tensor) -> Tensor:
-        """Stride-4 mask features (B, mask_dim, H/4, W/4) and `image_features` -> stride-2 mask
-        features (B, mask_dim, H/2, W/2). FreeSeg.decode calls it after the semantic context
-        interaction, which so keeps working on the stride-4 map (a quarter of the pixels)."""
-        with torch.autocast(device_type=image_features.device.type, enabled=False):
-            lateral = self.fine_lateral(mask_features.float())
-            up = F.interpolate(lateral, size=image_features.shape[-2:], mode="bilinear", align_corners=False)
-            return self.fine_mask_features(self.fine_layer(image_features + up))
-
 
 def build_pixel_decoder(
-    cfg: PixelDecoderConfig, in_channels: dict[str, int], in_strides: dict[str, int]
+    cfg: PixelDecoderConfig, in_channels: dict[str, int], in_strides: dict[str, int],
+    make_extra_layers: Callable[[], None] | None = None,
 ) -> MSDeformAttnPixelDecoder:
     return MSDeformAttnPixelDecoder(
         in_channels=in_channels,
@@ -283,5 +253,5 @@ def build_pixel_decoder(
         ffn_dim=cfg.ffn_dim,
         dropout=cfg.dropout,
         num_groups=cfg.num_groups,
-        fine_dim=cfg.fine_dim,
+        make_extra_layers=make_extra_layers,
     )

@@ -17,7 +17,7 @@ The official code (bytedance/FreeSeg, mask2former/modeling/clip_adapter/text_pro
   - the text feature is read at the EOT position (the sequence length - 1), through ln_final
     and text_projection, then L2-normalised.
 The learnable vectors are `prefix_prompt` (class context, (16, C)) and `task_prompt` ((8, C)),
-names and shapes as in shared/data/official_freeseg_r101c_keys.tsv.
+names and shapes as in tests/data/official_freeseg_r101c_keys.tsv.
 
 Deliberate differences from the official code:
   - sequences are cut after the longest EOT of the batch instead of padded to 77 tokens. CLIP's

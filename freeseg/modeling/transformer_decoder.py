@@ -12,21 +12,8 @@ every layer, shared heads turn the (LayerNorm-ed) queries into
   - an embedding (class_embed MLP, E = CLIP's text dimension): FreeSeg (section 3.2) classifies
     it against the text embeddings of the class prompts instead of a fixed linear classifier;
   - a mask: mask_embed MLP dotted with every pixel of the stride-4 mask features.
-
-Optionally (`coord_masks`, off by default and in every paper preset; on in the toy world) the
-mask logits get a second, positional term: a linear layer turns each query into (a, b, c) and
-adds a*u + b*v + c*(u^2 + v^2) at pixel position (u, v), a disc of any centre and radius. The
-mask features of two identical objects on a uniform background are identical, so a dot
-product with them alone draws both objects or neither; the disc lets a query keep one. (Mask
-features of a deep, fine-tuned ImageNet backbone carry position through zero padding, Islam
-et al., ICLR 2020; the toy world's tiny frozen backbone hardly does.) Relative-coordinate
-channels in CondInst (Tian et al., ECCV 2020) and CoordConv in SOLO play the same role.
-To place its disc a query must know where its object is, and Mask2Former's cross-attention does
-not tell it: positions are added to the keys, never to the values (DETR), so a query that attends
-to one of two identical objects reads the same features whichever it picked. `coord_values`
-(toy world) adds a linear function of each pixel's (u, v) to the features the queries attend
-to (keys and values alike), so the attended object's position reaches the query, and from
-there its disc.
+Two small methods, `mask_logits` and `level_tokens`, are where a subclass can add terms of its
+own (the toy world's positional terms, freeseg/extensions.py); here they are Mask2Former's.
 
 Shapes (axis legend: B batch, Q queries, C channels, E embedding dim, M heads, S flattened
 tokens, H W spatial):
@@ -51,24 +38,6 @@ from freeseg.config import DecoderConfig
 from freeseg.modeling.position_encoding import PositionEmbeddingSine
 
 NUM_LEVELS = 3  # Mask2Former always attends to three scales (res5, res4, res3 levels)
-# Length unit of the coordinates of `coord_masks`, in mask-feature cells (2 cells = 8 input
-# pixels). The unit sets how fast AdamW can grow the disc terms: on the toy world 8 cells gave
-# PQ 45.7 / 45.3 and AP 27.4 / 28.1 (all-task seeds 0 / 1), 2 cells 47.8 / 48.9 and 32.8 / 32.6,
-# 1 cell 46.6 and 34.0 (seed 0 only), half a cell 40.0 and 28.6 (seed 0 only; docs/toy_experiments.md).
-COORD_UNIT = 2.0
-
-
-def cell_coords(size: tuple[int, int], mask_size: tuple[int, int], dtype: torch.dtype,
-                device: torch.device) -> tuple[Tensor, Tensor]:
-    """(u, v), each (h, w): the centre of every cell of an (h, w) = `size` map laid over the
-    (H/4, W/4) = `mask_size` mask-feature map, in mask-feature cells from that map's centre,
-    divided by COORD_UNIT. On the mask-feature map itself u = (col - (W/4 - 1) / 2) / COORD_UNIT;
-    a coarser level's cell sits at the mean of the mask-feature cells it covers."""
-    (h, w), (H4, W4) = size, mask_size
-    v = ((torch.arange(h, dtype=dtype, device=device) + 0.5) * (H4 / h) - 0.5 - (H4 - 1) / 2) / COORD_UNIT
-    u = ((torch.arange(w, dtype=dtype, device=device) + 0.5) * (W4 / w) - 0.5 - (W4 - 1) / 2) / COORD_UNIT
-    v, u = torch.meshgrid(v, u, indexing="ij")
-    return u, v
 
 
 class MLP(nn.Module):
@@ -156,8 +125,6 @@ class MaskedTransformerDecoder(nn.Module):
         embed_dim: int = 512,
         class_mlp_hidden: int = 1024,
         class_mlp_layers: int = 2,
-        coord_masks: bool = False,
-        coord_values: bool = False,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -192,36 +159,24 @@ class MaskedTransformerDecoder(nn.Module):
                 self.input_proj.append(conv)
         self.class_embed = MLP(hidden_dim, class_mlp_hidden, embed_dim, class_mlp_layers)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, mask_mlp_layers)
-        if coord_masks:  # zero at first: training starts from Mask2Former's masks
-            self.coord_embed = nn.Linear(hidden_dim, 3)
-            nn.init.zeros_(self.coord_embed.weight)
-            nn.init.zeros_(self.coord_embed.bias)
-        else:
-            self.coord_embed = None
-        if coord_values:  # zero at first, like coord_embed
-            self.coord_value = nn.Linear(2, hidden_dim)
-            nn.init.zeros_(self.coord_value.weight)
-            nn.init.zeros_(self.coord_value.bias)
-        else:
-            self.coord_value = None
 
-    def coord_logits(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        """(B, Q, C) queries -> (B, Q, H/4, W/4): a*u + b*v + c*(u^2 + v^2), where (u, v) is
-        the pixel's position from the map centre in units of COORD_UNIT cells.
-        With c < 0 this is a disc around (-a/2c, -b/2c): each query can outline a region at a
-        place of its own, so it can take one of two identical objects."""
-        u, v = cell_coords(size, size, x.dtype, x.device)
-        coords = torch.stack([u, v, u * u + v * v])  # (3, H/4, W/4)
-        return torch.einsum("bqk,khw->bqhw", self.coord_embed(x), coords)
+    def mask_logits(self, x: Tensor, mask_features: Tensor) -> Tensor:
+        """Normed queries (B, Q, C) and mask features (B, mask_dim, H/4, W/4) -> mask logits
+        (B, Q, H/4, W/4): each query's mask embedding dotted with every pixel's features."""
+        return torch.einsum("bqc,bchw->bqhw", self.mask_embed(x), mask_features)
+
+    def level_tokens(self, lvl: int, feat: Tensor, mask_size: tuple[int, int]) -> Tensor:
+        """Level `lvl` of the multi-scale features (B, C_in, h, w) -> the tokens (B, h*w, C) its
+        cross-attention layers read (keys and values). `mask_size` (H/4, W/4) of the mask features
+        is for subclasses that place the tokens on the mask grid."""
+        return self.input_proj[lvl](feat).flatten(2).transpose(1, 2)  # (B, S_l, C)
 
     def prediction_heads(self, x: Tensor, mask_features: Tensor, attn_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (B, Q, C) -> embeds (B, Q, E), mask logits (B, Q, H/4, W/4) and the attention
         mask (B*M, Q, h*w) for the next layer's level of size `attn_size`."""
         x = self.decoder_norm(x)
         embeds = self.class_embed(x)  # (B, Q, E)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(x), mask_features)  # (B, Q, H/4, W/4)
-        if self.coord_embed is not None:
-            masks = masks + self.coord_logits(x, tuple(mask_features.shape[-2:]))
+        masks = self.mask_logits(x, mask_features)  # (B, Q, H/4, W/4)
         # Masked attention: the mask is predicted at stride 4 and resized to the attended level;
         # pixels where it says "not this segment" (sigmoid < 0.5) are hidden from the query.
         small = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)  # (B, Q, h, w)
@@ -235,16 +190,12 @@ class MaskedTransformerDecoder(nn.Module):
     def forward(self, multi_scale: list[Tensor], mask_features: Tensor) -> dict:
         if len(multi_scale) != NUM_LEVELS:
             raise ValueError(f"MaskedTransformerDecoder: expects {NUM_LEVELS} feature levels, got {len(multi_scale)}")
-        B = mask_features.shape[0]
+        B, mask_size = mask_features.shape[0], tuple(mask_features.shape[-2:])
         sizes, srcs, pos = [], [], []
         for lvl, feat in enumerate(multi_scale):
             sizes.append(tuple(feat.shape[-2:]))
             pos.append(self.pe_layer(feat).flatten(2).transpose(1, 2))  # (B, S_l, C)
-            src = self.input_proj[lvl](feat).flatten(2).transpose(1, 2)  # (B, S_l, C)
-            if self.coord_value is not None:  # every pixel's (u, v), in the disc's units
-                u, v = cell_coords(sizes[-1], tuple(mask_features.shape[-2:]), src.dtype, src.device)
-                src = src + self.coord_value(torch.stack([u, v], -1).flatten(0, 1))  # + (S_l, C)
-            srcs.append(src + self.level_embed.weight[lvl])
+            srcs.append(self.level_tokens(lvl, feat, mask_size) + self.level_embed.weight[lvl])  # (B, S_l, C)
         query_pos = self.query_embed.weight.unsqueeze(0).expand(B, -1, -1)  # (B, Q, C)
         x = self.query_feat.weight.unsqueeze(0).expand(B, -1, -1)  # (B, Q, C)
 
@@ -261,8 +212,10 @@ class MaskedTransformerDecoder(nn.Module):
         return {**predictions[-1], "aux_outputs": predictions[:-1]}
 
 
-def build_transformer_decoder(cfg: DecoderConfig, in_channels: int, mask_dim: int, embed_dim: int) -> MaskedTransformerDecoder:
-    return MaskedTransformerDecoder(
+def build_transformer_decoder(cfg: DecoderConfig, in_channels: int, mask_dim: int, embed_dim: int,
+                              cls: type = MaskedTransformerDecoder, **extra) -> MaskedTransformerDecoder:
+    """The decoder of `cfg`; `cls` and `extra` (its further arguments) build a subclass."""
+    return cls(
         in_channels=in_channels,
         hidden_dim=cfg.hidden_dim,
         num_queries=cfg.num_queries,
@@ -275,6 +228,5 @@ def build_transformer_decoder(cfg: DecoderConfig, in_channels: int, mask_dim: in
         mask_mlp_layers=cfg.mask_mlp_layers,
         embed_dim=embed_dim,
         class_mlp_hidden=cfg.class_mlp_hidden,
-        coord_masks=cfg.coord_masks,
-        coord_values=cfg.coord_values,
+        **extra,
     )
