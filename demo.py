@@ -6,7 +6,7 @@
 
 Writes a PNG with colored masks, outlines, labels and a legend, and a JSON of the segments
 next to it. Classes in the vocabulary that the model never trained on are treated as unseen
-(their CLIP vote counts more, shared/DESIGN.md section 1); prefix a name with "+" to mark a class
+(their CLIP vote counts more, docs/design.md, "Seen and unseen classes"); prefix a name with "+" to mark a class
 as a thing (instances), otherwise a class the training set calls a thing is a thing. Names are
 matched as CLIP's tokenizer reads them (case and runs of spaces do not count), so "Wall" is the
 training set's "wall", and "red star, Red  Star" is one class given twice (an error). The image

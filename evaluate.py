@@ -8,8 +8,8 @@
 
 Scores are percentages. "seen"/"unseen" follow the evaluated dataset's split
 (freeseg/data/categories.py); mIoU_seen, mIoU_unseen and hIoU are computed over all classes
-of the vocabulary at once (the "standard protocol" of shared/DESIGN.md section 2), not over
-unseen classes alone. `--out` writes the JSON of shared/DESIGN.md section 5 (checked before
+of the vocabulary at once (the "standard protocol" of docs/design.md, "Seen and unseen classes"), not over
+unseen classes alone. `--out` writes the JSON of docs/design.md ("Results file") (checked before
 the evaluation starts: a .json file in an existing folder, never the checkpoint itself).
 `--protocol` chooses the inference and evaluation rules (docs/differences.md): "mask2former"
 (ours) or "official" (the official FreeSeg code's, quirks included); the default is the

@@ -4,7 +4,7 @@
     python prepare_data.py --dataset coco --data-root $FREESEG_DATASETS --workers 16
 
 Reads `<data-root>/coco/`, `<data-root>/VOC2012/`, `<data-root>/ADEChallengeData2016/` (the raw
-layouts of shared/DESIGN.md section 3) or generates `<data-root>/toy/`, and writes
+layouts of docs/design.md, "Data layouts") or generates `<data-root>/toy/`, and writes
 `<data-root>/freeseg/<dataset>/`. Re-running skips finished work; `--force` redoes it. A missing
 or malformed input, or a bad option, stops with one line naming the file or option (--debug
 shows the traceback).

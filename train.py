@@ -19,6 +19,7 @@ section 4.1 (settings); defaults in `freeseg/config.py`, presets in `freeseg/pre
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -371,6 +372,21 @@ def toy_stage(args, run: Path, stage: str, cfg: C.Config | None = None) -> Path:
     return ckpt
 
 
+def toy_world_size(root: Path) -> dict[str, int]:
+    """The image counts of the toy world already generated under `root` (same generator version,
+    seed and size as `prepare_toy`'s defaults), so that a smaller world made on purpose, as the
+    CI-sized test makes one, is used as it is; {} (the defaults: 2,000 + 200) otherwise."""
+    from freeseg.data.toy_world import TOY_WORLD_VERSION
+
+    params_file = root / "toy" / "annotations" / "toy_world.json"
+    if not params_file.is_file():
+        return {}
+    params = json.loads(params_file.read_text())
+    if (params.get("version"), params.get("seed"), params.get("size")) != (TOY_WORLD_VERSION, 0, 96):
+        return {}
+    return {"num_train": params["num_train"], "num_val": params["num_val"]}
+
+
 def run_toy(args, configs: dict[str, C.Config]) -> None:
     """Data -> tiny CLIP -> backbone -> prompts -> all-task -> evaluation -> demo; each step reuses its output.
     `configs`: every stage's checked config (check_overrides)."""
@@ -385,7 +401,7 @@ def run_toy(args, configs: dict[str, C.Config]) -> None:
         raise UserError(f"--output-dir {run} is a file, not a directory")
     dist.init_distributed()  # under torchrun: every stage below runs on all ranks, the data is written by rank 0
     if dist.is_main():
-        prepare_toy(root, force=False, workers=2)
+        prepare_toy(root, force=False, workers=2, **toy_world_size(root))
     dist.barrier()
 
     stages = [toy_stage(args, run, stage, configs[stage]) for stage in STAGES]

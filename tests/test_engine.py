@@ -20,14 +20,6 @@ from freeseg import engine
 from freeseg.config import Config, TrainConfig
 
 
-def _require(module: str, name: str):
-    """Skip when another helper's function this test needs is not written yet."""
-    mod = pytest.importorskip(module)
-    if not hasattr(mod, name):
-        pytest.skip(f"{module}.{name} does not exist yet")
-    return mod
-
-
 def _take(sampler: engine.IterationSampler, n: int) -> list[list[tuple[int, int]]]:
     return list(islice(iter(sampler), n))
 
@@ -233,7 +225,6 @@ def test_decoder_query_embeddings_get_no_weight_decay():
 
 
 def test_checkpoint_round_trip_is_atomic(tmp_path):
-    _require("freeseg.distributed", "atomic_torch_save")
     net = _Net()
     opt = engine.build_optimizer(net, TrainConfig())
     path = tmp_path / "run" / "checkpoint.pt"  # the run directory does not exist yet

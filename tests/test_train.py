@@ -183,6 +183,7 @@ def signalled_and_resumed(request, toy, prompt_runs) -> dict:
 # ---------------------------------------------------------------- torchrun on CPU
 
 
+@pytest.mark.integration
 def test_torchrun_runs_both_stages_on_cpu(prompt_runs, alltask_runs):
     from freeseg import engine
 
@@ -193,6 +194,7 @@ def test_torchrun_runs_both_stages_on_cpu(prompt_runs, alltask_runs):
         assert ckpt["config"]["train"]["batch_size"] == 4  # the global batch, not the per-rank one
 
 
+@pytest.mark.integration
 def test_clip_stage_contrasts_the_whole_batch_under_torchrun(toy):
     """The tiny CLIP's stage (README command 1 runs it under torchrun): 2 ranks x 4 pairs must
     contrast each image with all 8 captions, as one process does, not with their own 4. The
@@ -208,6 +210,7 @@ def test_clip_stage_contrasts_the_whole_batch_under_torchrun(toy):
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=0.1), (one[0], two[0])
 
 
+@pytest.mark.integration
 def test_prompt_stage_two_processes_match_one_process(prompt_runs):
     from freeseg import engine
 
@@ -220,6 +223,7 @@ def test_prompt_stage_two_processes_match_one_process(prompt_runs):
         torch.testing.assert_close(p2[key], p1[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.integration
 def test_alltask_first_iteration_mask_losses_match_across_process_counts(alltask_runs):
     # Focal and dice losses are normalised by the all-reduced mask count: same weights, same
     # images -> same values, whatever the split. (Cross-entropy: see the next test.)
@@ -227,6 +231,7 @@ def test_alltask_first_iteration_mask_losses_match_across_process_counts(alltask
     _assert_same_curves(two, one, ["loss_focal", "loss_dice", "lr"], rtol=1e-4)
 
 
+@pytest.mark.integration
 def test_alltask_two_processes_match_one_process(alltask_runs):
     one, two = _metrics(alltask_runs["one"]), _metrics(alltask_runs["two"])
     _assert_same_curves(two, one, ["loss", "loss_ce", "loss_focal", "loss_dice", "lr"], rtol=1e-4)
@@ -235,6 +240,7 @@ def test_alltask_two_processes_match_one_process(alltask_runs):
 # ---------------------------------------------------------------- kill and resume
 
 
+@pytest.mark.integration
 def test_killed_run_resumes_from_its_checkpoint(killed_and_resumed):
     """Iteration 3 recomputed after the resume equals iteration 3 logged before the kill.
 
@@ -251,11 +257,13 @@ def test_killed_run_resumes_from_its_checkpoint(killed_and_resumed):
     _assert_same_curves(after[:3], before["metrics"], keys, rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_same_command_twice_gives_the_same_losses(killed_and_resumed, alltask_runs):
     before = killed_and_resumed["before"]["metrics"]
     _assert_same_curves(before, _metrics(alltask_runs["one"])[:KILL_AFTER], ["loss"], rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_killed_and_resumed_run_matches_uninterrupted_run(killed_and_resumed, alltask_runs):
     keys = ["loss", "loss_ce", "loss_focal", "loss_dice", "lr"]
     _assert_same_curves(_metrics(killed_and_resumed["dir"]), _metrics(alltask_runs["one"]), keys, rtol=1e-5)
@@ -301,6 +309,7 @@ def test_evaluate_names_a_missing_checkpoint(tmp_path):
     assert result.stderr.strip() == "evaluate.py: error: checkpoint missing.pt not found"
 
 
+@pytest.mark.integration
 def test_checkpoint_of_another_model_size_is_a_clear_error(alltask_runs, tmp_path):
     from freeseg.evaluation.runner import load_model
 
@@ -315,6 +324,7 @@ def test_checkpoint_of_another_model_size_is_a_clear_error(alltask_runs, tmp_pat
         load_model(edited)
 
 
+@pytest.mark.integration
 def test_backbone_stage_writes_weights_the_alltask_stage_loads(tmp_path):
     from freeseg.presets import get_preset
     from freeseg.modeling.backbone import build_backbone

@@ -12,11 +12,7 @@ import pytest
 import torch
 from PIL import ImageFont
 
-# visualize.py imports the atomic JSON writer of freeseg/distributed.py (another helper's module).
-if not hasattr(pytest.importorskip("freeseg.distributed"), "atomic_write_json"):
-    pytest.skip("freeseg.distributed.atomic_write_json does not exist yet", allow_module_level=True)
-
-from freeseg.visualize import PALETTE, draw, label_point, save_segments_json, segments_from_result  # noqa: E402
+from freeseg.visualize import PALETTE, draw, label_point, save_segments_json, segments_from_result
 
 GRAY = 100
 

@@ -409,6 +409,9 @@ def _write_one(job: tuple[str, int, int], raw_dir: str, seed: int, size: int) ->
     return image, {"image_id": image_id, "file_name": name, "segments_info": segments_info}, instances
 
 
+TOY_WORLD_VERSION = 2  # raised when the generator draws other scenes: a world on disk is then redrawn
+
+
 def write_coco_layout(raw_dir: str, num_train: int, num_val: int, seed: int, size: int = 96,
                       workers: int = 1, force: bool = False) -> bool:
     """Generate the toy world into `raw_dir` (COCO layout). Returns False if it was already there.
@@ -420,7 +423,7 @@ def write_coco_layout(raw_dir: str, num_train: int, num_val: int, seed: int, siz
 
     from freeseg.data.io import load_json, parallel_map, save_json_atomic
 
-    params = {"num_train": num_train, "num_val": num_val, "seed": seed, "size": size, "version": 2}
+    params = {"num_train": num_train, "num_val": num_val, "seed": seed, "size": size, "version": TOY_WORLD_VERSION}
     params_file = f"{raw_dir}/annotations/toy_world.json"
     outputs = [f"{raw_dir}/annotations/{kind}_{s}.json" for kind in ("panoptic", "instances") for s in _SPLITS]
     if not force and os.path.isfile(params_file) and all(map(os.path.isfile, outputs)):

@@ -12,7 +12,7 @@ Definitions are those of COCO's `panopticapi` (`pq_compute_single_core`; Kirillo
 - per category PQ = sum IoU / (TP + FP/2 + FN/2), SQ = sum IoU / TP, RQ = TP / (TP + FP/2 + FN/2);
   a group's value is the mean over its categories with TP + FP + FN > 0.
 The state is four (K,) tensors (IoU sum, TP, FP, FN), summed over images and ranks
-(shared/STYLE.md item 13), so no PNG or JSON is written.
+(a sum is all that ranks need to exchange), so no PNG or JSON is written.
 
 Differences from the official FreeSeg code (which writes PNGs and calls panopticapi):
 - panopticapi reads a ground-truth segment's area from the JSON; we count it in the map.

@@ -1,4 +1,4 @@
-"""Evaluation report: the results JSON of shared/DESIGN.md section 5 and a printed table.
+"""Evaluation report: the results JSON of docs/design.md ("Results file") and a printed table.
 
 `results_json` keeps the scalar metrics of each evaluated task (per-class lists are dropped)
 and checks that the keys the public interface promises are there; `write_results` writes it
@@ -11,7 +11,7 @@ import os
 
 from freeseg.distributed import atomic_write_json
 
-# Keys promised by shared/DESIGN.md section 5; evaluators may add more (PQ_th, AP75, ...).
+# Keys promised by docs/design.md ("Results file"); evaluators may add more (PQ_th, AP75, ...).
 REQUIRED_KEYS = {
     "semantic": ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "pAcc"),
     "panoptic": ("PQ", "SQ", "RQ", "PQ_seen", "PQ_unseen"),

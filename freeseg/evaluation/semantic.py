@@ -1,6 +1,6 @@
 """Semantic segmentation metrics: mIoU over all / seen / unseen classes, hIoU and pixel accuracy.
 
-A (K, K) confusion matrix of pixel counts is the whole state (shared/STYLE.md item 13): it is
+A (K, K) confusion matrix of pixel counts is the whole state (a sum is all that ranks need to exchange): it is
 summed over images and over ranks, and every metric is read off it at the end.
 
 Definitions follow the official FreeSeg evaluator (`GeneralizedSemSegEvaluator`, a copy of

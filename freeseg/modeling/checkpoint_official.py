@@ -3,7 +3,7 @@
 The official model (bytedance/FreeSeg, `OpenVocabulary` meta-architecture) nests its parts as
 `backbone.*` (detectron2 ResNet names), `sem_seg_head.pixel_decoder.*`,
 `sem_seg_head.predictor.*`, `sem_seg_head.interaction.*`, `clip_adapter.*` and `criterion.*`
-(all 1,167 keys: shared/data/official_freeseg_r101c_keys.tsv, every one float32: the official
+(all 1,167 keys: tests/data/official_freeseg_r101c_keys.tsv, every one float32: the official
 `build_clip_model` loads CLIP with `clip.load(..., device="cpu")`, which casts it to float32,
 and the checkpoint holds the ViT-B/16 towers only, no TorchScript extras, no attnpool).
 Ours uses torchvision names in the backbone and Mask2Former's everywhere else, so most keys only
