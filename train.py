@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from freeseg import config as C
 from freeseg import distributed as dist
-from freeseg import engine
+from freeseg import engine, extensions
 from freeseg import presets, weights
 from freeseg.data.io import writable_dir
 from freeseg.errors import CheckpointError, ConfigError, ConfigKeyError, MissingFileError, UserError, run_cli
@@ -239,15 +239,6 @@ def alltask_targets(samples: list[dict], task: str, remap: torch.Tensor, padded_
             for s, t in zip(samples, batch_targets(samples, task, pad_to=padded_size))]
 
 
-def target_task(task: str, semantic_targets: str) -> str:
-    """Whose targets an iteration of `task` learns from (TrainConfig.semantic_targets): a
-    semantic iteration takes the panoptic task's segments when `semantic_targets` is "segments"
-    (things one mask per instance instead of one mask per class); its prompt stays semantic."""
-    if semantic_targets not in ("classes", "segments"):
-        raise ValueError(f"train.semantic_targets must be 'classes' or 'segments', got {semantic_targets!r}")
-    return "panoptic" if task == "semantic" and semantic_targets == "segments" else task
-
-
 def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) -> Path:
     """Train the mask proposal network for all three tasks at once, one random task per iteration."""
     from freeseg.data.datasets import SegmentationDataset
@@ -259,7 +250,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
         raise ConfigError(f"model.backbone.freeze_at={cfg.model.backbone.freeze_at} would freeze randomly "
                          "initialised layers: set model.backbone.weights (toy world: runs/toy/backbone/resnet.pth "
                          "from `train.py --dataset toy --stage backbone`)")
-    target_task("semantic", cfg.train.semantic_targets)  # a bad value fails before any work
+    extensions.target_task("semantic", cfg.extensions)  # a bad value fails before any work
     draw_task(cfg.train.tasks, cfg.train.seed, 0)
     device = dist.init_distributed()[3]
     engine.seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
@@ -292,7 +283,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
         engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
         task = draw_task(cfg.train.tasks, cfg.train.seed, it)  # same on every rank
         images = torch.stack([s["image"] for s in samples]).to(device).float()  # (B, 3, H, W) 0-255
-        targets = alltask_targets(samples, target_task(task, cfg.train.semantic_targets), remap,
+        targets = alltask_targets(samples, extensions.target_task(task, cfg.extensions), remap,
                                   model.padded_size(images.shape[-2:]), device)
         if task not in text_cache:
             with torch.no_grad():
