@@ -198,7 +198,8 @@ def test_old_inference_and_training_keys_read_into_extensions():
     for old, new in moved.items():
         section, name = old.split(".")
         old_config[section][name] = old_config["extensions"].pop(new.split(".")[1])
-    assert old_config["inference"]["unclaimed_min_area"] == 0.01 and old_config["train"]["semantic_targets"] == "segments"
+    assert old_config["inference"]["unclaimed_min_area"] == 0.01
+    assert old_config["train"]["semantic_targets"] == "segments"
     assert from_dict(old_config) == toy
     with pytest.raises(ConfigKeyError, match="'inference.clip_flip' is now 'extensions.clip_flip'"):
         apply_overrides(get_preset("toy"), ["inference.clip_flip=false"])
