@@ -12,16 +12,18 @@ start over a run directory's checkpoint unless told to continue it (--resume) or
 the traceback).
 
 Each stage is one plain loop below: draw a batch, forward, loss, backward, clip, step, LR,
-log, checkpoint. The data order is a pure function of (seed, iteration) (`engine.IterationSampler`),
-so a resumed run and an uninterrupted one see the same batches, and N processes with batch b
-see the same images as one process with batch N*b. Paper: FreeSeg section 3 (stages),
-section 4.1 (settings); defaults in `freeseg/config.py`, presets in `freeseg/presets.py`.
+log, checkpoint; `run_stage` runs one of them. Without --stage, `--dataset toy` runs the whole
+miniature world (freeseg/toy_pipeline.py), which calls `run_stage` for each stage. The data
+order is a pure function of (seed, iteration) (`engine.IterationSampler`), so a resumed run and
+an uninterrupted one see the same batches, and N processes with batch b see the same images as
+one process with batch N*b. Paper: FreeSeg section 3 (stages), section 4.1 (settings);
+defaults in `freeseg/config.py`, presets in `freeseg/presets.py`.
 """
 
 import argparse
-import json
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +32,15 @@ import torch.nn.functional as F
 
 from freeseg import config as C
 from freeseg import distributed as dist
-from freeseg import engine
-from freeseg import presets, weights
+from freeseg import engine, extensions
+from freeseg import presets, toy_pipeline, weights
 from freeseg.data.io import writable_dir
 from freeseg.errors import CheckpointError, ConfigError, ConfigKeyError, MissingFileError, UserError, run_cli
 from freeseg.modeling.targets import TASKS
 from freeseg.serialization import trust_files
 from freeseg.toy_pretraining import train_backbone, train_clip
 
-STAGES = ("clip", "backbone", "prompt", "alltask")  # the first two only for the toy world
+STAGES = toy_pipeline.STAGES  # clip, backbone, prompt, alltask; the first two only for the toy world
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,7 +100,8 @@ def check_overrides(args) -> dict[str, C.Config]:
     """Every stage's config, resolved and checked before any stage starts: a typo in an
     override of the last stage (or of a stage this command does not run) fails now, not after
     the earlier stages have trained. The pipeline's CLIP and backbone stages run in one
-    process (run_toy), so only the other stages split their batch over torchrun's processes."""
+    process (toy_pipeline.train_toy_stage), so only the other stages split their batch over
+    torchrun's processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     configs = {}
     stages = dataset_stages(args.dataset)
@@ -240,15 +243,6 @@ def alltask_targets(samples: list[dict], task: str, remap: torch.Tensor, padded_
             for s, t in zip(samples, batch_targets(samples, task, pad_to=padded_size))]
 
 
-def target_task(task: str, semantic_targets: str) -> str:
-    """Whose targets an iteration of `task` learns from (TrainConfig.semantic_targets): a
-    semantic iteration takes the panoptic task's segments when `semantic_targets` is "segments"
-    (things one mask per instance instead of one mask per class); its prompt stays semantic."""
-    if semantic_targets not in ("classes", "segments"):
-        raise ValueError(f"train.semantic_targets must be 'classes' or 'segments', got {semantic_targets!r}")
-    return "panoptic" if task == "semantic" and semantic_targets == "segments" else task
-
-
 def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) -> Path:
     """Train the mask proposal network for all three tasks at once, one random task per iteration."""
     from freeseg.data.datasets import SegmentationDataset
@@ -260,7 +254,7 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
         raise ConfigError(f"model.backbone.freeze_at={cfg.model.backbone.freeze_at} would freeze randomly "
                          "initialised layers: set model.backbone.weights (toy world: runs/toy/backbone/resnet.pth "
                          "from `train.py --dataset toy --stage backbone`)")
-    target_task("semantic", cfg.train.semantic_targets)  # a bad value fails before any work
+    extensions.target_task("semantic", cfg.extensions)  # a bad value fails before any work
     draw_task(cfg.train.tasks, cfg.train.seed, 0)
     device = dist.init_distributed()[3]
     engine.seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
@@ -293,13 +287,25 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
         engine.set_lr(optimizer, engine.lr_factor(it, cfg.train))
         task = draw_task(cfg.train.tasks, cfg.train.seed, it)  # same on every rank
         images = torch.stack([s["image"] for s in samples]).to(device).float()  # (B, 3, H, W) 0-255
-        targets = alltask_targets(samples, target_task(task, cfg.train.semantic_targets), remap,
+        targets = alltask_targets(samples, extensions.target_task(task, cfg.extensions), remap,
                                   model.padded_size(images.shape[-2:]), device)
         if task not in text_cache:
             with torch.no_grad():
                 text_cache[task] = model.text_features(names, task)
-        loss, losses = engine.alltask_step(train_model, criterion, optimizer, images, targets, names, task,
-                                           text_cache[task], use_amp, cfg.train.clip_grad_norm)
+        # Mask2Former trains in bf16 mixed precision on GPUs; its pixel decoder turns autocast off
+        # around the deformable attention and runs it in float32 (pixel_decoder.py does the same).
+        with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
+            outputs = train_model(images, names, task, text_cache[task])  # the same dict in train and eval
+        losses = criterion(outputs, targets)  # unweighted terms, one set per decoder layer
+        loss = sum(criterion.weight_dict[k] * v for k, v in losses.items())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.clip_grad_norm > 0:  # official CLIP_GRADIENTS: L2 norm over every trainable parameter
+            torch.nn.utils.clip_grad_norm_([p for p in train_model.parameters() if p.requires_grad],
+                                           cfg.train.clip_grad_norm)
+        optimizer.step()
+        # A NaN or inf stops every rank here, naming the iteration and the terms, before the
+        # weights it produced can be saved.
         engine.check_finite(it, {"loss": loss, **losses}, out_dir / "checkpoint.pt")
 
         if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
@@ -321,96 +327,18 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
     return out_dir / "checkpoint.pt"
 
 
-# ---------------------------------------------------------------- the miniature world, end to end
+# ---------------------------------------------------------------- one stage
 
 
-def toy_config(args, run: Path, stage: str, cfg: C.Config | None = None) -> C.Config:
-    """A toy stage's config (`cfg`, default `resolve_config`), reading the tiny CLIP and the
-    backbone from the pipeline's run directory `run` (runs/toy)."""
-    cfg = cfg if cfg is not None else resolve_config(args, stage)
-    if stage in ("prompt", "alltask"):
-        cfg.model.clip.name = str(run / "clip" / "checkpoint.pt")
-    if stage == "alltask" and not cfg.model.backbone.weights:
-        cfg.model.backbone.weights = str(run / "backbone" / "resnet.pth")
-    return cfg
-
-
-def train_toy_stage(cfg: C.Config, stage: str, out_dir: Path, init: str | None = None) -> None:
-    """Train a toy stage into `out_dir`, continuing from its checkpoint if it has one; every rank calls it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # The tiny CLIP and the backbone learn from batches of 64 small images, which one process
-    # with every core trains faster than one rank per core; the CLIP's image tower also
-    # normalises over the whole batch (BatchNorm), so its batch must not be split
-    # (docs/toy_experiments.md, "pre-training stages").
+def run_stage(cfg: C.Config, stage: str, out_dir: Path, resume: bool, init: str | None = None) -> Path:
+    """Train `stage` into `out_dir` (the toy pipeline, freeseg/toy_pipeline.py, calls it too)."""
     if stage == "clip":
-        dist.run_alone(lambda: train_clip(cfg, out_dir, resume=True))
-    elif stage == "backbone":
-        dist.run_alone(lambda: train_backbone(cfg, out_dir, resume=True))
-    elif stage == "prompt":
-        train_prompt(cfg, out_dir, resume=True)
-    else:
-        train_alltask(cfg, out_dir, resume=True, init=init)
-
-
-def toy_stage(args, run: Path, stage: str, cfg: C.Config | None = None) -> Path:
-    """One stage of the toy pipeline under `run`: reused when its checkpoint has every
-    iteration, trained (or continued) otherwise. -> its checkpoint."""
-    ckpt = run / stage / "checkpoint.pt"
-    cfg = toy_config(args, run, stage, cfg)
-    saved = engine.load_checkpoint(ckpt, stage=stage) if ckpt.exists() else None
-    if saved is not None and saved["iteration"] >= cfg.train.iterations:
-        changed = C.config_diff(saved.get("config") or {}, C.to_dict(cfg))
-        note = "" if not changed else (
-            " (trained with other settings than this command's: "
-            + ", ".join(f"{k} {old!r}, now {new!r}" for k, old, new in changed)
-            + f"; delete {run / stage} to train it with them)")
-        dist.print0(f"[toy] {stage}: reusing {ckpt}{note}")
-    else:
-        dist.print0(f"[toy] {stage}: training -> {ckpt}")
-        train_toy_stage(cfg, stage, run / stage, init=str(run / "prompt" / "checkpoint.pt"))
-    dist.barrier()  # rank 0 writes the checkpoint that every rank reads next
-    return ckpt
-
-
-def toy_world_size(root: Path) -> dict[str, int]:
-    """The image counts of the toy world already generated under `root` (same generator version,
-    seed and size as `prepare_toy`'s defaults), so that a smaller world made on purpose, as the
-    CI-sized test makes one, is used as it is; {} (the defaults: 2,000 + 200) otherwise."""
-    from freeseg.data.toy_world import TOY_WORLD_VERSION
-
-    params_file = root / "toy" / "annotations" / "toy_world.json"
-    if not params_file.is_file():
-        return {}
-    params = json.loads(params_file.read_text())
-    if (params.get("version"), params.get("seed"), params.get("size")) != (TOY_WORLD_VERSION, 0, 96):
-        return {}
-    return {"num_train": params["num_train"], "num_val": params["num_val"]}
-
-
-def run_toy(args, configs: dict[str, C.Config]) -> None:
-    """Data -> tiny CLIP -> backbone -> prompts -> all-task -> evaluation -> demo; each step reuses its output.
-    `configs`: every stage's checked config (check_overrides)."""
-    from freeseg.data.prepare_coco import prepare_toy
-    from freeseg.evaluation.report import write_results
-    from freeseg.evaluation.runner import evaluate_checkpoint
-    from freeseg.visualize import demo_toy
-
-    run = Path(args.output_dir or "runs/toy")
-    root = data_root(args.data_root)
-    if run.exists() and not run.is_dir():
-        raise UserError(f"--output-dir {run} is a file, not a directory")
-    dist.init_distributed()  # under torchrun: every stage below runs on all ranks, the data is written by rank 0
-    if dist.is_main():
-        prepare_toy(root, force=False, workers=2, **toy_world_size(root))
-    dist.barrier()
-
-    stages = [toy_stage(args, run, stage, configs[stage]) for stage in STAGES]
-    rows = evaluate_checkpoint(stages[-1], out=run / "results.json", ablation=True)  # images split over ranks
-    if dist.is_main():
-        for name, results in rows.items():  # every ablation row, for the README and the CI test
-            write_results(run / f"ablation_{name.strip('+ ').replace(' ', '_')}.json", results)
-        demo_toy(stages[-1], out=run / "demo.png")
-    dist.barrier()
+        return train_clip(cfg, out_dir, resume)
+    if stage == "backbone":
+        return train_backbone(cfg, out_dir, resume)
+    if stage == "prompt":
+        return train_prompt(cfg, out_dir, resume)
+    return train_alltask(cfg, out_dir, resume, init)
 
 
 def main(argv=None) -> None:
@@ -431,7 +359,7 @@ def main(argv=None) -> None:
         if args.overwrite:
             raise ConfigError("--overwrite applies to one --stage; the pipeline reuses finished stages and continues "
                               "the others: delete a stage's folder to train it again")
-        run_toy(args, configs)
+        toy_pipeline.run_toy(Path(args.output_dir or "runs/toy"), data_root(args.data_root), configs, run_stage)
         dist.cleanup()
         return
     cfg = configs[args.stage]
@@ -441,15 +369,7 @@ def main(argv=None) -> None:
     if args.overwrite:  # a run stopped before its first checkpoint must not leave the old one to resume
         for name in ("checkpoint.pt", "metrics.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
-    resume = args.resume
-    if args.stage == "clip":
-        train_clip(cfg, out_dir, resume)
-    elif args.stage == "backbone":
-        train_backbone(cfg, out_dir, resume)
-    elif args.stage == "prompt":
-        train_prompt(cfg, out_dir, resume)
-    else:
-        train_alltask(cfg, out_dir, resume, args.init)
+    run_stage(cfg, args.stage, out_dir, args.resume, args.init)
     dist.cleanup()
 
 

@@ -41,7 +41,7 @@ from typing import Callable
 
 from freeseg import config as C
 from freeseg import distributed as dist
-from freeseg import engine
+from freeseg import engine, toy_pipeline
 
 FULL_ROWS = ("mask classifier only", "+ CLIP ensemble", "+ test-time prompt tuning")
 MAIN_ROW = "+ CLIP ensemble"  # the toy pipeline's results.json: test-time prompt tuning is off in its preset
@@ -130,15 +130,20 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
     return ""
 
 
+def stage_config(train, targs, run: Path, stage: str) -> C.Config:
+    """The toy pipeline's config of `stage` (train.py's presets and overrides, the run's CLIP and backbone)."""
+    return toy_pipeline.toy_config(train.resolve_config(targs, stage), run, stage)
+
+
 def variant_config(train, targs, run: Path, variant: Variant, seed: int) -> C.Config:
-    cfg = train.toy_config(targs, run, "alltask")
+    cfg = stage_config(train, targs, run, "alltask")
     C.apply_overrides(cfg, list(variant.overrides))
     cfg.train.seed = seed
     return cfg
 
 
 def own_prompt_config(train, targs, run: Path) -> C.Config:
-    cfg = train.toy_config(targs, run, "prompt")
+    cfg = stage_config(train, targs, run, "prompt")
     C.apply_overrides(cfg, list(NO_TASK_PROMPT))
     return cfg
 
@@ -161,12 +166,12 @@ def plan(args, train, targs, run: Path, root: Path) -> list[Step]:
     """Every step still to do, in order: the shared stages, the own prompt stage, then seed by
     seed (a partial run leaves whole seeds behind) each variant's training and evaluation."""
     steps = []
-    for stage in ("clip", "backbone", "prompt"):  # reused as train.toy_stage reuses them
-        cfg = train.toy_config(targs, run, stage)
+    for stage in ("clip", "backbone", "prompt"):  # reused as toy_pipeline.toy_stage reuses them
+        cfg = stage_config(train, targs, run, stage)
         done = iteration_of(run / stage / "checkpoint.pt")
         if done < cfg.train.iterations:
             steps.append(Step(f"{stage} stage", stage, cfg.train.iterations - done,
-                              lambda s=stage: train.toy_stage(targs, run, s)))
+                              lambda c=cfg, s=stage: toy_pipeline.toy_stage(c, run, s, train.run_stage)))
     variants = [BY_NAME[name] for name in args.variants]
     prompt_dir = run / "ablations" / "no_task_prompt" / "prompt"
     if any(v.prompt == "own" for v in variants):
@@ -174,7 +179,7 @@ def plan(args, train, targs, run: Path, root: Path) -> list[Step]:
         done = check_same_recipe(prompt_dir / "checkpoint.pt", cfg)
         if done < cfg.train.iterations:
             steps.append(Step("prompt stage without task prompts", "prompt", cfg.train.iterations - done,
-                              lambda c=cfg: train.train_toy_stage(c, "prompt", prompt_dir)))
+                              lambda c=cfg: toy_pipeline.train_toy_stage(c, "prompt", prompt_dir, train.run_stage)))
     records = load_json(root / "freeseg" / "toy" / "val.json")
     if records is None:
         raise SystemExit(f"{root / 'freeseg' / 'toy' / 'val.json'} is missing: prepare_data.py --dataset toy "
@@ -188,8 +193,8 @@ def plan(args, train, targs, run: Path, root: Path) -> list[Step]:
             init = {"shared": run / "prompt" / "checkpoint.pt", "own": prompt_dir / "checkpoint.pt"}.get(v.prompt)
             if done < cfg.train.iterations:
                 steps.append(Step(f"train {v.name} seed {seed}", "alltask", cfg.train.iterations - done,
-                                  lambda c=cfg, o=out, i=init: train.train_toy_stage(
-                                      c, "alltask", o, str(i) if i else None), v.name))
+                                  lambda c=cfg, o=out, i=init: toy_pipeline.train_toy_stage(
+                                      c, "alltask", o, train.run_stage, str(i) if i else None), v.name))
             if done < cfg.train.iterations or not evaluated(out, v, cfg.train.iterations, args.max_images):
                 steps.append(Step(f"evaluate {v.name} seed {seed}", "eval", val_images * len(v.tasks) * len(v.rows),
                                   lambda v=v, o=out, c=cfg: evaluate_run(args, root, v, o, c), v.name))

@@ -188,15 +188,6 @@ class InferenceConfig:
     mask_align_corners: bool = True
     mask_expand_ratio: float = 1.0  # grow the crop box around the mask (official: 1.0)
     clip_chunk: int = 32  # crops per CLIP forward pass
-    # Not in FreeSeg (toy preset only, region_classifier.py): crop only the largest 4-connected
-    # part of each binary mask, after eroding it by `clip_erode` pixels; average CLIP's features
-    # of each crop and its mirror image.
-    clip_largest_part: bool = False
-    clip_erode: int = 0
-    clip_flip: bool = False
-    # Not in FreeSeg (toy preset only, inference.region_text): CLIP names the regions against the
-    # mean of the three task prompts' text features instead of the current task's.
-    clip_task_ensemble: bool = False
     # Geometric ensemble of mask classifier and CLIP (paper eq. 6, official ENSEMBLE_WEIGHT 0.8):
     # seen classes  p = p_mask^(1-w_seen)  * p_clip^w_seen,
     # unseen classes p = p_mask^(1-w_unseen) * p_clip^w_unseen.
@@ -217,9 +208,6 @@ class InferenceConfig:
     # nearly every query (docs/toy_experiments.md, "Panoptic confidence").
     panoptic_keep_by: str = "object"
     instance_topk: int = 100
-    # > 0: every unclaimed region covering at least this fraction of the image becomes a proposal
-    # named by CLIP alone (inference.unclaimed_regions; not in FreeSeg, toy preset only).
-    unclaimed_min_area: float = 0.0
     ttpt: TTPTConfig = field(default_factory=TTPTConfig)
 
 
@@ -270,11 +258,6 @@ class TrainConfig:
     warmup_iters: int = 0
     warmup_factor: float = 1.0
     clip_grad_norm: float = 0.01  # full-model L2 clipping (official CLIP_VALUE 0.01)
-    # What a semantic iteration of the all-task stage learns from: "classes", one mask per class
-    # (official), or "segments", the panoptic task's segments (things one mask per instance)
-    # with the semantic prompt kept. The toy world uses "segments" (docs/toy_experiments.md,
-    # "Semantic targets").
-    semantic_targets: str = "classes"
     # The tasks a stage draws its iterations from, one uniformly at random per iteration
     # (FreeSeg: all three). One task trains a task-specific model, the baseline of the paper's
     # ablation of all-task training (freeseg/ablations.py).
@@ -296,6 +279,22 @@ class ExtensionsConfig:
     # > 0: mask features at stride 2, refined from a trainable path over the image with this many
     # channels (extensions.StrideTwoRefiner); 0 = FreeSeg's stride-4 mask features.
     fine_dim: int = 0
+    # Training (extensions.target_task): what a semantic iteration of the all-task stage learns
+    # from: "classes", one mask per class (FreeSeg), or "segments", the panoptic task's segments
+    # (things one mask per instance) with the semantic prompt kept.
+    semantic_targets: str = "classes"
+    # Inference (extensions.inference_hooks; they may change after training):
+    # crop only the largest 4-connected part of each binary mask for CLIP, after eroding it by
+    # `clip_erode` pixels (extensions.largest_parts);
+    clip_largest_part: bool = False
+    clip_erode: int = 0
+    clip_flip: bool = False  # average CLIP's features of each crop and of its mirror image
+    # CLIP names the regions against the mean of the three task prompts' text features instead
+    # of the current task's (extensions.task_ensemble_text);
+    clip_task_ensemble: bool = False
+    # > 0: every unclaimed region covering at least this fraction of the image becomes a proposal
+    # named by CLIP alone (extensions.unclaimed_regions).
+    unclaimed_min_area: float = 0.0
 
 
 @dataclass
@@ -343,6 +342,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
+        if key.strip() in MOVED_KEYS:
+            raise ConfigKeyError(f"config key {key.strip()!r} is now {MOVED_KEYS[key.strip()]!r}")
         *path, name = key.strip().split(".")
         node = cfg
         for part in path:
@@ -369,7 +370,16 @@ MOVED_KEYS = {
     "model.decoder.coord_masks": "extensions.coord_masks",
     "model.decoder.coord_values": "extensions.coord_values",
     "model.pixel_decoder.fine_dim": "extensions.fine_dim",
+    "train.semantic_targets": "extensions.semantic_targets",
+    "inference.clip_largest_part": "extensions.clip_largest_part",
+    "inference.clip_erode": "extensions.clip_erode",
+    "inference.clip_flip": "extensions.clip_flip",
+    "inference.clip_task_ensemble": "extensions.clip_task_ensemble",
+    "inference.unclaimed_min_area": "extensions.unclaimed_min_area",
 }
+# The extensions that act only at inference, so may change after training (evaluate.py --set).
+INFERENCE_EXTENSIONS = ("extensions.clip_largest_part", "extensions.clip_erode", "extensions.clip_flip",
+                        "extensions.clip_task_ensemble", "extensions.unclaimed_min_area")
 
 
 def _move_keys(data: dict) -> dict:
@@ -474,6 +484,9 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "model.pixel_decoder.num_encoder_layers": NON_NEGATIVE,
     "model.pixel_decoder.dropout": DROPOUT,
     "extensions.fine_dim": NON_NEGATIVE,
+    "extensions.semantic_targets": _choice("classes", "segments"),
+    "extensions.clip_erode": NON_NEGATIVE,
+    "extensions.unclaimed_min_area": FRACTION,
     **{f"model.decoder.{k}": AT_LEAST_1 for k in ("hidden_dim", "num_queries", "num_layers", "num_heads", "ffn_dim",
                                                   "mask_mlp_layers", "class_mlp_hidden")},
     "model.decoder.dropout": DROPOUT,
@@ -498,14 +511,12 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "inference.mask_threshold": FRACTION,
     "inference.mask_expand_ratio": POSITIVE,
     "inference.clip_chunk": AT_LEAST_1,
-    "inference.clip_erode": NON_NEGATIVE,
     "inference.clip_weight_seen": FRACTION,
     "inference.clip_weight_unseen": FRACTION,
     "inference.object_mask_threshold": FRACTION,
     "inference.overlap_threshold": FRACTION,
     "inference.panoptic_keep_by": _choice("class", "object"),
     "inference.instance_topk": AT_LEAST_1,
-    "inference.unclaimed_min_area": FRACTION,
     "inference.ttpt.steps": NON_NEGATIVE,
     "inference.ttpt.lr": POSITIVE,
     "inference.ttpt.entropy_threshold": FRACTION,
@@ -533,7 +544,6 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "train.warmup_iters": NON_NEGATIVE,
     "train.warmup_factor": POSITIVE,
     "train.clip_grad_norm": NON_NEGATIVE,
-    "train.semantic_targets": _choice("classes", "segments"),
     "train.log_every": AT_LEAST_1,
     "train.eval_every": NON_NEGATIVE,  # 0: never
     "train.checkpoint_every": AT_LEAST_1,
@@ -585,6 +595,8 @@ def validate(cfg: Config, world_size: int = 1, prefixes: tuple[str, ...] = ("",)
          f"divisible by model.interaction.num_heads ({cfg.model.interaction.num_heads})"),
         ("model.clip.text_width", cfg.model.clip.text_width % cfg.model.clip.text_heads == 0,
          f"divisible by model.clip.text_heads ({cfg.model.clip.text_heads})"),
+        ("extensions.clip_erode", cfg.extensions.clip_erode == 0 or cfg.extensions.clip_largest_part,
+         "0 unless extensions.clip_largest_part is on (the erosion is part of finding the largest part)"),
     ]
     for key, ok, text in pairs:
         if key in values and not ok:

@@ -15,7 +15,8 @@ pieces they have in common, each a plain function:
 - `start_from`: resume, applying what the command changed since the checkpoint (or refusing).
 - `check_finite`: a non-finite loss stops training, naming the iteration and the last checkpoint.
 - `load_clip`: an OpenAI CLIP (name or file) or the toy world's own tiny CLIP checkpoint.
-- `alltask_step`: one optimisation step of the all-task stage (also timed by `freeseg.bench step`).
+- `alltask_step`: the all-task stage's optimisation step that train.py writes out in its loop,
+  as one function for `freeseg.bench step` to time.
 - `keep_freed_memory`: a malloc setting that makes CPU training faster.
 """
 
@@ -429,8 +430,9 @@ def alltask_step(model: torch.nn.Module, criterion, optimizer: torch.optim.Optim
                  targets: list[dict], class_names: list[str], task: str, text_features: torch.Tensor,
                  amp: bool = False, clip_grad_norm: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Forward (bf16 autocast when `amp`), the criterion's weighted sum, backward, optional
-    gradient clipping over the trainable parameters, optimiser step. `model` may be wrapped in
-    DDP. -> (total loss, the criterion's unweighted losses).
+    gradient clipping over the trainable parameters, optimiser step: the steps of train.py's
+    all-task loop, which must stay the same. `model` may be wrapped in DDP.
+    -> (total loss, the criterion's unweighted losses).
 
     Mask2Former trains in mixed precision on GPUs; its pixel decoder turns autocast off
     around the deformable attention and runs it in float32 (pixel_decoder.py does the same).

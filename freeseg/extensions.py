@@ -12,17 +12,27 @@ with every extension off the model is the paper's:
   - `StrideTwoRefiner` fills the model's `mask_refiner` slot (`fine_dim`): FreeSeg.extract lets it
     read the image, FreeSeg.decode runs it after the semantic context interaction, and its layers
     are made through the pixel decoder's `make_extra_layers`;
-  - `build_pixel_decoder` and `build_transformer_decoder` are what `build_freeseg` calls.
+  - `build_pixel_decoder` and `build_transformer_decoder` are what `build_freeseg` calls;
+  - `target_task` chooses whose targets a training iteration learns from (train.py);
+  - `inference_hooks` fills the extension points of `predict` (inference.Hooks): the region
+    classifier's `prepare_masks` (`largest_parts`) and `encode_crops` (`encode_with_mirror`),
+    `extra_proposals` (`unclaimed_regions`) and `region_text` (`task_ensemble_text`).
 
-Axis legend: B batch, Q queries, C channels, H W spatial (of the input image), S flattened tokens.
+Axis legend: B batch, Q queries, K classes, C channels, E embedding dim, H W spatial (of the
+input image), S flattened tokens.
 """
 
+import functools
+from collections.abc import Callable
+
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from freeseg.config import Config
-from freeseg.modeling import pixel_decoder, transformer_decoder
+from freeseg.config import Config, ExtensionsConfig
+from freeseg.modeling import pixel_decoder, region_classifier, transformer_decoder
+from freeseg.modeling.targets import TASKS
 
 # ---------------------------------------------------------------- positional terms of the decoder
 
@@ -199,3 +209,104 @@ def rename_old_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> 
         for old, new in RENAMED_KEYS.items():
             if key.startswith(prefix + old):
                 state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+
+# ---------------------------------------------------------------- semantic targets from segments
+
+
+def target_task(task: str, ext: ExtensionsConfig) -> str:
+    """Whose targets an all-task iteration of `task` learns from (`semantic_targets`): its own
+    (FreeSeg), or with "segments" a semantic iteration takes the panoptic task's segments (things
+    one mask per instance instead of one mask per class); its prompt stays semantic. A class
+    mask asks the queries to cover two same-class things at once, which the positional disc
+    exists to keep apart (docs/toy_experiments.md, "Semantic targets")."""
+    if ext.semantic_targets not in ("classes", "segments"):
+        raise ValueError(f"extensions.semantic_targets must be 'classes' or 'segments', got {ext.semantic_targets!r}")
+    return "panoptic" if task == "semantic" and ext.semantic_targets == "segments" else task
+
+
+# ---------------------------------------------------------------- inference
+
+
+def largest_parts(masks: Tensor, erode: int = 0) -> Tensor:
+    """masks (N, H, W) bool -> (N, H, W) bool: of each mask, the largest 4-connected part after
+    eroding it by `erode` pixels (a (2 erode + 1)-pixel square). Erosion cuts thin bridges and
+    spurs first; a mask that it would empty is taken as it is. Ties go to the part whose first
+    pixel comes first in row-major order.
+
+    The region classifier's `prepare_masks` with `clip_largest_part` (docs/toy_experiments.md,
+    "What CLIP is shown"): stray pixels far from the object would stretch the crop's box and
+    shrink the object in it."""
+    if erode < 0:
+        raise ValueError(f"largest_parts: erode must be >= 0, got {erode}")
+    masks = masks.bool()
+    if erode > 0 and len(masks):
+        # Erosion is a max-pool of the complement; pixels beyond the border count as inside.
+        eroded = -F.max_pool2d(-masks[:, None].float(), 2 * erode + 1, stride=1, padding=erode)[:, 0] > 0.5
+        kept = eroded.flatten(1).any(dim=1)
+        masks = torch.where(kept[:, None, None], eroded, masks)
+    parts = []
+    for mask in masks.cpu().numpy():
+        labels, n = scipy.ndimage.label(mask)  # 4-connectivity
+        if n > 1:
+            sizes = torch.bincount(torch.from_numpy(labels).flatten(), minlength=n + 1)[1:]
+            mask = labels == int(sizes.argmax()) + 1
+        parts.append(torch.from_numpy(mask))
+    return torch.stack(parts).to(masks.device) if parts else masks
+
+
+def encode_with_mirror(clip_model: nn.Module, crops: Tensor) -> Tensor:
+    """The region classifier's `encode` with `clip_flip`: the normalised mean of CLIP's features
+    of each crop (n, 3, R, R) and of its mirror image (horizontal-flip test-time augmentation;
+    docs/toy_experiments.md, "What CLIP is shown") -> (n, E)."""
+    out = region_classifier.encode_crops(clip_model, crops)
+    return F.normalize(out + region_classifier.encode_crops(clip_model, crops.flip(-1)), dim=-1)
+
+
+def unclaimed_regions(masks: Tensor, objectness: Tensor, min_area: float) -> Tensor:
+    """The parts of the image that no proposal claims, as extra proposals: masks (Q, H, W)
+    probabilities, objectness (Q,) = 1 - p(no object) -> (n, H, W) float {0, 1}.
+
+    A pixel is claimed when some query's objectness times its mask probability reaches 0.5;
+    each 4-connected region of unclaimed pixels covering at least `min_area` of the image becomes
+    a proposal. The proposal network is trained on seen classes only, and every pixel of an
+    unseen class counts as background for every mask, so it may learn to leave a whole unseen
+    region uncovered (on the toy world with `fine_dim`, the water); CLIP can still name such a
+    region if it is proposed (docs/toy_experiments.md, "Unclaimed regions").
+    """
+    H, W = masks.shape[-2:]
+    if len(masks):
+        claimed = (masks * objectness[:, None, None]).amax(0) >= 0.5
+    else:
+        claimed = torch.zeros(H, W, dtype=torch.bool, device=masks.device)
+    labels, n = scipy.ndimage.label((~claimed).cpu().numpy())  # 4-connectivity
+    regions = torch.from_numpy(labels).to(masks.device)
+    sizes = torch.bincount(regions.flatten(), minlength=n + 1)[1:]  # pixels of region 1..n
+    keep = (torch.nonzero(sizes >= min_area * H * W).flatten() + 1).tolist()
+    return torch.stack([regions == k for k in keep]).to(masks.dtype) if keep else masks.new_zeros(0, H, W)
+
+
+def task_ensemble_text(text_of: Callable[[str], Tensor], task: str, text: Tensor) -> Tensor:
+    """`region_text` with `clip_task_ensemble`: the normalised mean (K, E) of the three task
+    prompts' text features, `text` for `task` and `text_of(t)` for the others (prompt ensembling,
+    as CLIP's paper averages caption templates; CLIP names what a region is, whatever the task;
+    docs/toy_experiments.md, "Task-prompt ensemble")."""
+    texts = [text if t == task else text_of(t) for t in TASKS]
+    return F.normalize(torch.stack(texts).sum(0), dim=-1)
+
+
+def inference_hooks(ext: ExtensionsConfig):
+    """The `inference.Hooks` that `predict` takes for the extensions `ext` switches on (all off:
+    FreeSeg's inference)."""
+    # Imported here: freeseg/modeling/freeseg.py imports this module, and inference.py imports it.
+    from freeseg.modeling.inference import Hooks
+
+    if ext.clip_erode < 0 or (ext.clip_erode > 0 and not ext.clip_largest_part):
+        raise ValueError(f"extensions.clip_erode must be >= 0 and needs clip_largest_part, got {ext.clip_erode}")
+    return Hooks(
+        prepare_masks=functools.partial(largest_parts, erode=ext.clip_erode) if ext.clip_largest_part else None,
+        encode_crops=encode_with_mirror if ext.clip_flip else region_classifier.encode_crops,
+        extra_proposals=(functools.partial(unclaimed_regions, min_area=ext.unclaimed_min_area)
+                         if ext.unclaimed_min_area > 0 else None),
+        region_text=task_ensemble_text if ext.clip_task_ensemble else None,
+    )

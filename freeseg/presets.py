@@ -157,10 +157,16 @@ def _toy() -> Config:
         hidden_dim=64, num_queries=20, num_layers=3, num_heads=4, ffn_dim=128, class_mlp_hidden=128,
     )
     cfg.model.interaction = InteractionConfig(attn_dim=128, num_heads=4, dropout=0.0)
-    # The positional disc, the positions in the attended tokens and the stride-2 masks
-    # (docs/toy_experiments.md: "Positional disc", "Pixel positions in the attended features",
-    # "Stride-2 mask features"; the mechanisms: freeseg/extensions.py).
-    cfg.extensions = ExtensionsConfig(coord_masks=True, coord_values=True, fine_dim=32)
+    # Every extension (the mechanisms: freeseg/extensions.py; the runs: docs/toy_experiments.md):
+    # the positional disc, the positions in the attended tokens and the stride-2 masks
+    # ("Positional disc", "Pixel positions in the attended features", "Stride-2 mask features");
+    # semantic iterations learn from segments, not one mask per class ("Semantic targets");
+    # unclaimed regions proposed to CLIP ("Unclaimed regions"); CLIP shown the largest part of
+    # each mask after a 1-pixel erosion, and its mirror image ("What CLIP is shown"); CLIP names
+    # the regions against the mean of the three task prompts ("Task-prompt ensemble").
+    cfg.extensions = ExtensionsConfig(coord_masks=True, coord_values=True, fine_dim=32, semantic_targets="segments",
+                                      unclaimed_min_area=0.01, clip_largest_part=True, clip_erode=1, clip_flip=True,
+                                      clip_task_ensemble=True)
     # The tiny CLIP has only ever read captions: random context vectors start it far from
     # anything it knows, so the class context starts as the words "a photo of a" (CoOp;
     # docs/toy_experiments.md, "Prompt context from words").
@@ -177,13 +183,9 @@ def _toy() -> Config:
     # CLIP learned from crops grown 1.2-2x (toy_world.region_crops) ("Crop boxes"); CLIP weight
     # 0.5 for seen classes, as the toy mask classifier names fewer seen things than CLIP ("CLIP
     # weight for seen classes"); masks upsampled with pixel centres aligned, as the training loss
-    # upsamples them ("Mask upsampling"); unclaimed regions proposed to CLIP ("Unclaimed
-    # regions"); CLIP shown the largest part of each mask after a 1-pixel erosion, and its mirror
-    # image ("What CLIP is shown"); CLIP names the regions against the mean of the three task
-    # prompts ("Task-prompt ensemble").
+    # upsamples them ("Mask upsampling").
     cfg.inference = InferenceConfig(mask_expand_ratio=1.5, clip_chunk=64, instance_topk=20, clip_weight_seen=0.5,
-                                    mask_align_corners=False, unclaimed_min_area=0.01, clip_largest_part=True,
-                                    clip_erode=1, clip_flip=True, clip_task_ensemble=True)
+                                    mask_align_corners=False)
     # Scenes of 96 px tested at 1.5x (144 px), trained on 96-px crops of scenes scaled 0.75-1.75x,
     # centred nearer the test scale (docs/toy_experiments.md, "Test and training scales").
     cfg.data = DataConfig(
@@ -192,13 +194,10 @@ def _toy() -> Config:
         # Deliberate difference: the region classifier's crop (docs/differences_presets.md, "Toy prompt stage").
         prompt_crop="region",
     )
-    # Semantic iterations learn from segments, not one mask per class: a class mask asks the
-    # queries to cover two same-class things at once, which the disc exists to keep apart
-    # (docs/toy_experiments.md, "Semantic targets"). 1,500 steps: docs/toy_experiments.md, "Training steps".
+    # 1,500 steps: docs/toy_experiments.md, "Training steps".
     cfg.train = TrainConfig(
         batch_size=8, iterations=1500, lr=1e-3, weight_decay=0.05, backbone_lr_mult=1.0,
         clip_grad_norm=1.0, amp=False, log_every=50, eval_every=0, checkpoint_every=500,
-        semantic_targets="segments",
     )
     return cfg
 

@@ -106,6 +106,7 @@ def demo_toy(checkpoint: str | Path, out: str | Path, seed: int = 7) -> Path:
     from freeseg.data.categories import get_categories
     from freeseg.data.transforms import TestResize
     from freeseg.evaluation.runner import load_model
+    from freeseg.extensions import inference_hooks
     from freeseg.modeling.inference import predict
 
     model, cfg, _ = load_model(checkpoint)
@@ -119,7 +120,8 @@ def demo_toy(checkpoint: str | Path, out: str | Path, seed: int = 7) -> Path:
     pixels = TestResize(cfg.data.test_short_side)({"image": torch.from_numpy(image).permute(2, 0, 1)})["image"]
     tasks = ("semantic", "instance", "panoptic")
     with torch.no_grad():
-        result = predict(model, pixels, names, unseen, is_thing, tasks, cfg.inference, out_size=image.shape[:2])
+        result = predict(model, pixels, names, unseen, is_thing, tasks, cfg.inference, out_size=image.shape[:2],
+                         hooks=inference_hooks(cfg.extensions))
     panels = [draw(image, segments_from_result(t, result[t]), names, unseen, scale=3) for t in tasks]
     width = sum(p.width for p in panels)
     sheet = Image.new("RGB", (width, max(p.height for p in panels) + 14), (255, 255, 255))

@@ -86,10 +86,13 @@ def test_a_stored_run_of_another_recipe_is_named_not_reused(tmp_path):
 
 def test_variants_change_what_their_name_says():
     import train
+    from freeseg import toy_pipeline
 
     targs = A.argparse.Namespace(dataset="toy", preset=None, overrides=[], data_root=None, clip=None)
     full = C.to_dict(A.variant_config(train, targs, Path("runs/toy"), A.BY_NAME["full"], 0))
-    assert full == C.to_dict(train.toy_config(targs, Path("runs/toy"), "alltask"))  # the toy pipeline's stage
+    pipeline = toy_pipeline.toy_config(train.resolve_config(targs, "alltask"), Path("runs/toy"), "alltask")
+    assert full == C.to_dict(pipeline)  # the toy pipeline's stage
+    assert pipeline.model.clip.name == str(Path("runs/toy/clip/checkpoint.pt"))
     changed = {
         "semantic_only": {"train.tasks": ("semantic",)},
         "instance_only": {"train.tasks": ("instance",)},
@@ -104,7 +107,7 @@ def test_variants_change_what_their_name_says():
         assert {k for k in flat if flat[k] != base[k]} == set(want) | {"train.seed"}, name
         assert all(flat[k] == v for k, v in want.items()) and flat["train.seed"] == 2
     prompt = C.to_dict(A.own_prompt_config(train, targs, Path("runs/toy")))
-    base = _flatten(C.to_dict(train.toy_config(targs, Path("runs/toy"), "prompt")))
+    base = _flatten(C.to_dict(toy_pipeline.toy_config(train.resolve_config(targs, "prompt"), Path("runs/toy"), "prompt")))
     assert {k for k, v in _flatten(prompt).items() if v != base[k]} == {"model.prompt.use_task_prompt",
                                                                           "model.prompt.task_ctx"}
 

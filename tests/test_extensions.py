@@ -183,3 +183,36 @@ def test_stride_two_masks_in_the_model(task):
     with torch.no_grad():
         out = model.eval()(torch.rand(1, 3, 64, 64) * 255, ["sky", "grass"], task)
     assert out["pred_masks"].shape[-2:] == (16, 16)
+
+
+def test_old_inference_and_training_keys_read_into_extensions():
+    """A toy checkpoint's config with the inference extensions under `inference` and
+    `semantic_targets` under `train` (before they moved) reads into `extensions`, values kept;
+    a command-line override of an old key names its new place."""
+    from freeseg.config import MOVED_KEYS, ConfigKeyError
+
+    toy = get_preset("toy")
+    old_config = to_dict(toy)
+    moved = {old: new for old, new in MOVED_KEYS.items() if old.startswith(("inference.", "train."))}
+    assert len(moved) == 6
+    for old, new in moved.items():
+        section, name = old.split(".")
+        old_config[section][name] = old_config["extensions"].pop(new.split(".")[1])
+    assert old_config["inference"]["unclaimed_min_area"] == 0.01
+    assert old_config["train"]["semantic_targets"] == "segments"
+    assert from_dict(old_config) == toy
+    with pytest.raises(ConfigKeyError, match="'inference.clip_flip' is now 'extensions.clip_flip'"):
+        apply_overrides(get_preset("toy"), ["inference.clip_flip=false"])
+
+
+def test_inference_extensions_may_change_after_training_and_are_checked():
+    from freeseg.config import ConfigError
+    from freeseg.evaluation.runner import apply_inference_overrides
+
+    cfg = get_preset("toy")
+    apply_inference_overrides(cfg, ["extensions.clip_flip=false", "extensions.unclaimed_min_area=0"])
+    assert not cfg.extensions.clip_flip and cfg.extensions.unclaimed_min_area == 0
+    with pytest.raises(ConfigError, match="can change after training"):
+        apply_inference_overrides(cfg, ["extensions.fine_dim=0"])
+    with pytest.raises(ConfigError, match="extensions.clip_erode=1: must be 0 unless extensions.clip_largest_part"):
+        apply_inference_overrides(cfg, ["extensions.clip_largest_part=false"])

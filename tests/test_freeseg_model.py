@@ -162,7 +162,7 @@ def test_predict_all_tasks():
 
 
 def test_unclaimed_regions_by_hand():
-    from freeseg.modeling.inference import unclaimed_regions
+    from freeseg.extensions import unclaimed_regions
 
     masks = torch.zeros(3, 10, 10)
     masks[0, :, :4] = 0.9  # claims the 4 left columns
@@ -187,8 +187,9 @@ def test_unclaimed_regions_by_hand():
 
 
 def test_predict_adds_unclaimed_regions_named_by_clip():
-    from freeseg.config import InferenceConfig
-    from freeseg.modeling.inference import clip_probabilities, mask_probabilities, predict, unclaimed_regions
+    from freeseg.config import ExtensionsConfig, InferenceConfig
+    from freeseg.extensions import inference_hooks, unclaimed_regions
+    from freeseg.modeling.inference import clip_probabilities, mask_probabilities, predict
 
     model = tiny_model().eval()
     images, _ = synthetic_batch()
@@ -196,8 +197,8 @@ def test_predict_adds_unclaimed_regions_named_by_clip():
     unseen = torch.tensor([False, True, False, True])
     cfg = InferenceConfig(mask_align_corners=False)
     plain = predict(model, image, NAMES, unseen, IS_THING, ("semantic",), cfg)["semantic"]
-    cfg.unclaimed_min_area = 0.01
-    extra = predict(model, image, NAMES, unseen, IS_THING, ("semantic",), cfg)["semantic"]
+    hooks = inference_hooks(ExtensionsConfig(unclaimed_min_area=0.01))
+    extra = predict(model, image, NAMES, unseen, IS_THING, ("semantic",), cfg, hooks=hooks)["semantic"]
     with torch.no_grad():
         text = model.text_features(NAMES, "semantic")
         raw = model(image[None].float(), NAMES, "semantic", text_features=text)

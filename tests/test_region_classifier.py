@@ -1,5 +1,6 @@
 """Region crops, CLIP region classification and the geometric ensemble (paper eq. 6)."""
 
+import functools
 import math
 
 import pytest
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 
 from freeseg.clip import CLIP, CLIP_MEAN, CLIP_STD
 from freeseg.crops import crop_masked_regions, expand_boxes, mask_boxes
-from freeseg.modeling.region_classifier import RegionClassifier, geometric_ensemble, largest_parts
+from freeseg.extensions import encode_with_mirror, largest_parts
+from freeseg.modeling.region_classifier import RegionClassifier, geometric_ensemble
 
 FILL = (10.0, 20.0, 30.0)
 
@@ -151,15 +153,16 @@ def test_region_classifier_cleanup_and_flip():
     mask_probs[0, 18:20, 22:24] = 0.9  # a stray corner that stretches the box to the whole image
     mask_probs[1, 10:18, 1:6] = 0.7
     text = F.normalize(torch.randn(4, 16), dim=-1)
-    # largest_part crops exactly what the cleaned masks crop.
+    # With largest_parts as its mask preparation, it crops exactly what the cleaned masks crop.
     cleaned = largest_parts(mask_probs > 0.5, erode=1).float()
-    torch.testing.assert_close(RegionClassifier(clip, 0.5, 1.0, 2, largest_part=True, erode=1)(image, mask_probs, text),
+    prepare = functools.partial(largest_parts, erode=1)
+    torch.testing.assert_close(RegionClassifier(clip, 0.5, 1.0, 2, prepare_masks=prepare)(image, mask_probs, text),
                                RegionClassifier(clip, 0.5, 1.0, 2)(image, cleaned, text))
     assert not torch.allclose(RegionClassifier(clip, 0.5, 1.0, 2)(image, mask_probs, text),
                               RegionClassifier(clip, 0.5, 1.0, 2)(image, cleaned, text), atol=1e-3)
     # With flip, the features are the normalised mean of the crop's and its mirror image's, so a
     # mirrored image and masks (integer boxes at expand_ratio 1) give the same features.
-    flip = RegionClassifier(clip, 0.5, 1.0, 2, flip=True)
+    flip = RegionClassifier(clip, 0.5, 1.0, 2, encode=encode_with_mirror)
     plain = RegionClassifier(clip, 0.5, 1.0, 2)
     f, valid = flip.encode_regions(image, mask_probs)
     f_mirror, _ = flip.encode_regions(image.flip(-1), mask_probs.flip(-1))
@@ -169,8 +172,6 @@ def test_region_classifier_cleanup_and_flip():
     assert not torch.allclose(g, g_mirror, atol=1e-3)  # the tiny ViT itself is not mirror-symmetric
     torch.testing.assert_close(f, F.normalize(g + g_mirror, dim=-1), atol=1e-5, rtol=1e-4)
     assert valid.all()
-    with pytest.raises(ValueError, match="needs largest_part"):
-        RegionClassifier(clip, erode=1)
 
 
 def test_geometric_ensemble_by_hand():

@@ -381,9 +381,11 @@ def test_alltask_targets_line_up_with_masks_predicted_over_the_padded_input():
 
 
 def test_semantic_iterations_learn_from_segments_when_asked():
-    """TrainConfig.semantic_targets: "classes" (official) gives two same-class things one mask in
+    """extensions.semantic_targets: "classes" (official) gives two same-class things one mask in
     a semantic iteration, "segments" (the toy preset) one mask each, as the panoptic task does."""
     import train
+    from freeseg.config import ExtensionsConfig
+    from freeseg.extensions import target_task
     from freeseg.presets import get_preset
 
     masks = torch.zeros(3, 32, 32, dtype=torch.bool)
@@ -396,8 +398,8 @@ def test_semantic_iterations_learn_from_segments_when_asked():
     remap = torch.tensor([-1, -1, -1, 0, -1, 1])  # dataset classes 3 and 5 are seen classes 0 and 1
 
     def targets(task, semantic_targets):
-        (t,) = train.alltask_targets([sample], train.target_task(task, semantic_targets), remap, (32, 32),
-                                     torch.device("cpu"))
+        (t,) = train.alltask_targets([sample], target_task(task, ExtensionsConfig(semantic_targets=semantic_targets)),
+                                     remap, (32, 32), torch.device("cpu"))
         return t
 
     official = targets("semantic", "classes")
@@ -405,10 +407,10 @@ def test_semantic_iterations_learn_from_segments_when_asked():
     segments = targets("semantic", "segments")
     assert segments["labels"].tolist() == [0, 0, 1] and torch.equal(segments["masks"], masks)
     assert targets("instance", "segments")["labels"].tolist() == [0, 0]  # other tasks unchanged
-    with pytest.raises(ValueError, match="train.semantic_targets must be"):
-        train.target_task("semantic", "instances")
-    assert get_preset("coco").train.semantic_targets == "classes"
-    assert get_preset("toy").train.semantic_targets == "segments"
+    with pytest.raises(ValueError, match="extensions.semantic_targets must be"):
+        target_task("semantic", ExtensionsConfig(semantic_targets="instances"))
+    assert get_preset("coco").extensions.semantic_targets == "classes"
+    assert get_preset("toy").extensions.semantic_targets == "segments"
 
 
 @pytest.mark.parametrize("threads", [1, 2])

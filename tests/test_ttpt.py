@@ -112,28 +112,31 @@ def test_region_text_task_ensemble_with_and_without_ttpt(monkeypatch):
     import torch.nn.functional as F
 
     import freeseg.modeling.inference as inference
+    from freeseg.config import ExtensionsConfig
+    from freeseg.extensions import inference_hooks
     from freeseg.modeling.targets import TASKS
 
     model = tiny_model(seed=2).eval()
     images, _ = synthetic_batch()
     with torch.no_grad():
         texts = [model.text_features(NAMES, t) for t in TASKS]
-    cfg = InferenceConfig(tasks=("semantic",), clip_task_ensemble=True)
+    cfg = InferenceConfig(tasks=("semantic",))
+    hooks = inference_hooks(ExtensionsConfig(clip_task_ensemble=True))
     with torch.no_grad():
-        mean = inference.region_text(model, NAMES, "instance", cfg)
+        mean = inference.region_text(model, NAMES, "instance", hooks)
         torch.testing.assert_close(mean, F.normalize(sum(texts), dim=-1))
-        torch.testing.assert_close(inference.region_text(model, NAMES, "instance", InferenceConfig()), texts[1])
+        torch.testing.assert_close(inference.region_text(model, NAMES, "instance"), texts[1])
     # predict hands CLIP the ensemble; under TTPT, the ensemble of the tuned prompt.
     seen_text = []
     real = inference.classify_with_clip
     monkeypatch.setattr(inference, "classify_with_clip",
                         lambda model, image, masks, probs, text, *a: seen_text.append(text) or
                         real(model, image, masks, probs, text, *a))
-    predict(model, images[1], NAMES, UNSEEN, IS_THING, cfg=cfg)
+    predict(model, images[1], NAMES, UNSEEN, IS_THING, cfg=cfg, hooks=hooks)
     torch.testing.assert_close(seen_text[-1], mean)
-    tuned_cfg = InferenceConfig(tasks=("semantic",), clip_task_ensemble=True,
+    tuned_cfg = InferenceConfig(tasks=("semantic",),
                                 ttpt=TTPTConfig(enabled=True, steps=2, lr=1e-2, entropy_threshold=1.0))
-    predict(model, images[1], NAMES, UNSEEN, IS_THING, cfg=tuned_cfg)
+    predict(model, images[1], NAMES, UNSEEN, IS_THING, cfg=tuned_cfg, hooks=hooks)
     assert (seen_text[-1] - mean).abs().max() > 1e-6
     from freeseg.modeling.ttpt import tuned_prompt
     with torch.no_grad():

@@ -15,9 +15,10 @@ query whose binarised mask overlaps it most (its "best proposal") and records
   - whether the geometric ensemble of the two (paper eq. 6) names it,
 and prints the means per group (thing / stuff x seen / unseen). Class names are read with the
 evaluation's task prompt (`--task`, default panoptic); masks are binarised at the inference
-threshold and crops cut as at inference (`inference.mask_expand_ratio`). With
-`inference.unclaimed_min_area` (toy preset) the unclaimed regions are proposals too, as at
-inference: CLIP alone names them, so the mask classifier never does.
+threshold and crops cut as at inference (`inference.mask_expand_ratio`), with the extensions'
+inference hooks (freeseg/extensions.py). With `extensions.unclaimed_min_area` (toy preset) the
+unclaimed regions are proposals too, as at inference: CLIP alone names them, so the mask
+classifier never does.
 """
 
 import argparse
@@ -37,6 +38,7 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
     "best_iou", "mask_cls", "clip", "clip_gt", "ensemble"} (the last four: bool, class named right)."""
     from freeseg.data.datasets import SegmentationDataset, load_meta
     from freeseg.data.transforms import TestResize
+    from freeseg.extensions import inference_hooks
     from freeseg.modeling.inference import classify_with_clip, clip_probabilities, mask_probabilities, region_text
 
     cats = load_meta(prep)["categories"]
@@ -44,9 +46,9 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
     unseen = torch.tensor([not c["seen"] for c in cats])
     dataset = SegmentationDataset(prep, split, base=False)
     resize = TestResize(cfg.data.test_short_side)
-    icfg = cfg.inference
+    icfg, hooks = cfg.inference, inference_hooks(cfg.extensions)
     text = model.text_features(names, task)
-    clip_text = region_text(model, names, task, icfg, text=text)  # what CLIP names the regions against
+    clip_text = region_text(model, names, task, hooks, text=text)  # what CLIP names the regions against
     rows = []
     for i in range(len(dataset) if max_images is None else min(max_images, len(dataset))):
         sample = dataset[i]
@@ -56,12 +58,12 @@ def segment_records(model, cfg, prep: Path, split: str = "val", task: str = "pan
         probs = mask_probabilities(model, out["pred_masks"][0], (H, W), icfg.mask_align_corners)  # (Q, H, W)
         scores = out["pred_logits"][0].softmax(-1)  # (Q, K + 1)
         p_mask, Q = scores[:, :-1], len(probs)  # (Q, K)
-        probs, p_clip, p_ens = classify_with_clip(model, image, probs, scores, clip_text, unseen, icfg)  # Q + n rows
+        probs, p_clip, p_ens = classify_with_clip(model, image, probs, scores, clip_text, unseen, icfg, hooks)  # Q + n rows
         binary = probs > icfg.mask_threshold
         gt = torch.as_tensor(sample["masks"])
         if gt.numel() and tuple(gt.shape[-2:]) != (H, W):
             gt = F.interpolate(gt[:, None].float(), size=(H, W), mode="nearest")[:, 0].bool()
-        p_gt = clip_probabilities(model, image, gt.float(), clip_text, icfg) if gt.numel() else None
+        p_gt = clip_probabilities(model, image, gt.float(), clip_text, icfg, hooks) if gt.numel() else None
         labels = sample["labels"].tolist()
         for n, label in enumerate(labels):
             inter = (binary & gt[n]).flatten(1).sum(1)
@@ -115,7 +117,7 @@ def main(argv=None) -> None:
                    help="whose task prompt names the classes")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="inference overrides, as for evaluate.py, e.g. --set inference.clip_flip=false")
+                   help="inference overrides, as for evaluate.py, e.g. --set extensions.clip_flip=false")
     args = p.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"checkpoint {args.checkpoint} not found")

@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageOps
 
 from freeseg import distributed as dist
-from freeseg.config import Config, InferenceConfig, apply_overrides, from_dict, validate
+from freeseg.config import INFERENCE_EXTENSIONS, Config, InferenceConfig, apply_overrides, from_dict, validate
 from freeseg.data.io import DataError, rgb_to_id
 from freeseg.errors import CheckpointError, ConfigError, UserError
 from freeseg.evaluation.instance import InstanceEvaluator
@@ -92,6 +92,7 @@ def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: 
     from freeseg.data.categories import ensemble_unseen
     from freeseg.data.datasets import SegmentationDataset, load_meta
     from freeseg.data.transforms import TestResize
+    from freeseg.extensions import inference_hooks
     from freeseg.modeling.inference import predict
 
     meta = load_meta(prep)
@@ -117,6 +118,7 @@ def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: 
     if official and "instance" in tasks:  # the official AP is scored against the instances JSON
         for ev in evaluators.values():
             ev["instance"].load_ground_truth(prep / f"instances_{split}.json")
+    hooks = inference_hooks(cfg.extensions)  # the toy world's additions, none for FreeSeg
     text_cache = {name: {} for name in variants}  # prompt features per (vocabulary, task), reused across images
     start = time.perf_counter()
     for i in range(dist.get_rank(), count, dist.get_world_size()):
@@ -130,7 +132,7 @@ def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: 
         for name, icfg in variants.items():
             ev = evaluators[name]
             out = predict(model, image, names, unseen, is_thing, tasks, icfg, out_size=(h, w),
-                          text_cache=text_cache[name])
+                          text_cache=text_cache[name], hooks=hooks)
             if "semantic" in out:
                 ev["semantic"].update(out["semantic"].argmax(0), sample["sem_seg"])
             if "panoptic" in out:
@@ -188,13 +190,15 @@ def ablation_variants(base: InferenceConfig, ablation: bool, ttpt: bool) -> dict
 
 def apply_inference_overrides(cfg: Config, overrides: list[str] | None) -> None:
     """Apply `--set KEY=VALUE` items to a trained model's config: only the settings that may
-    change after training (inference.*, data.test_short_side)."""
+    change after training (inference.*, data.test_short_side, the extensions that act only at
+    inference, config.INFERENCE_EXTENSIONS)."""
+    allowed = ("inference.", "data.test_short_side", *INFERENCE_EXTENSIONS)
     for item in overrides or []:
-        if not item.startswith(("inference.", "data.test_short_side")):
-            raise ConfigError(f"evaluation override {item!r}: only inference.* and data.test_short_side "
-                              "can change after training")
+        if not item.startswith(allowed):
+            raise ConfigError(f"evaluation override {item!r}: only inference.*, data.test_short_side and the "
+                              "inference extensions (extensions.clip_*, unclaimed_min_area) can change after training")
     apply_overrides(cfg, list(overrides or []))
-    validate(cfg, prefixes=("inference.", "data.test_short_side"))
+    validate(cfg, prefixes=allowed)
 
 
 def evaluate_checkpoint(path: str | Path, out: str | Path | None = None, data_root: str | None = None,

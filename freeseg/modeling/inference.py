@@ -13,9 +13,7 @@ mask2former/open_vocabulary_model.py (`forward` in eval mode, `semantic_inferenc
                cropped to the image, sigmoid -> (Q, H, W)
         p_mask = softmax over K + 1, no-object column dropped      (Q, K)
         p_clip = CLIP on the mask crops of the input image         (Q, K)   region_classifier.py
-               [toy preset: largest part of each mask, and its mirror image too]
         p      = geometric ensemble (seen / unseen exponents)      (Q, K)
-        [toy preset: + regions no query claims, named by CLIP alone (`unclaimed_regions`)]
         semantic / instance / panoptic post-processing             (postprocess.py, or
                                                                     postprocess_official.py)
 
@@ -36,12 +34,16 @@ Deliberate differences from the official code (both protocols):
     object" probability per query: we append the mask classifier's own no-object probability to
     the ensembled class probabilities. The official FreeSeg code drops that column and instead
     re-sharpens the ensembled scores with softmax(p / 0.01) (postprocess_official.py).
-Axis legend: Q queries, K classes, E embedding dim, H W spatial.
+Extension points (`Hooks`; FreeSeg has none, and the defaults are its inference): what the region
+classifier crops and how it encodes the crops, extra proposals for CLIP alone to name, and the
+text CLIP names the regions against. freeseg/extensions.py fills them for the toy world.
+Axis legend: Q queries, K classes, E embedding dim, H W spatial, R CLIP's input size.
 """
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
@@ -49,11 +51,31 @@ from freeseg.config import InferenceConfig
 from freeseg.modeling.freeseg import FreeSeg
 from freeseg.modeling.postprocess import instance_inference, panoptic_inference, semantic_inference
 from freeseg.modeling.postprocess_official import official_ensemble, official_results
-from freeseg.modeling.region_classifier import OFFICIAL_TEMPERATURE, RegionClassifier, geometric_ensemble
+from freeseg.modeling.region_classifier import OFFICIAL_TEMPERATURE, RegionClassifier, encode_crops, geometric_ensemble
 from freeseg.modeling.targets import TASKS
 from freeseg.modeling.ttpt import tuned_prompt
 
 PROTOCOLS = ("mask2former", "official")
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The extension points of `predict`; each default is FreeSeg's inference.
+
+    prepare_masks(binary (n, H, W) bool) -> (n, H, W) bool: the masks the region classifier crops;
+    encode_crops(clip_model, crops (n, 3, R, R)) -> (n, E): CLIP's L2-normalised crop features;
+    extra_proposals(masks (Q, H, W), objectness (Q,)) -> (n, H, W): more masks, named by CLIP alone;
+    region_text(text_of, task, text (K, E)) -> (K, E): what CLIP names the regions against, from
+        the task prompt's features `text` and `text_of(other_task)`, the other prompts' features.
+    """
+
+    prepare_masks: Callable | None = None
+    encode_crops: Callable = encode_crops
+    extra_proposals: Callable | None = None
+    region_text: Callable | None = None
+
+
+PAPER = Hooks()
 
 
 def record_time(timings: dict | None, key: str, start: float) -> float:
@@ -77,18 +99,16 @@ def _task_text(model: FreeSeg, class_names: list[str], task: str, text_cache: di
     return text
 
 
-def region_text(model: FreeSeg, class_names: list[str], task: str, cfg: InferenceConfig,
+def region_text(model: FreeSeg, class_names: list[str], task: str, hooks: Hooks = PAPER,
                 text_cache: dict | None = None, text: torch.Tensor | None = None) -> torch.Tensor:
-    """The text features (K, E) that CLIP names the regions against: the task prompt's own, or
-    with `cfg.clip_task_ensemble` the normalised mean of all three task prompts' (prompt
-    ensembling, as CLIP's paper averages caption templates; CLIP names what a region is,
-    whatever the task). `text`: the task prompt's features, if the caller has them already."""
+    """The text features (K, E) that CLIP names the regions against: the task prompt's own
+    (FreeSeg), or what `hooks.region_text` makes of it. `text`: the task prompt's features, if
+    the caller has them already."""
     if text is None:
         text = _task_text(model, class_names, task, text_cache)
-    if not cfg.clip_task_ensemble:
+    if hooks.region_text is None:
         return text
-    texts = [text if t == task else _task_text(model, class_names, t, text_cache) for t in TASKS]
-    return F.normalize(torch.stack(texts).sum(0), dim=-1)
+    return hooks.region_text(lambda other: _task_text(model, class_names, other, text_cache), task, text)
 
 
 def image_mask_logits(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[int, int],
@@ -107,57 +127,33 @@ def mask_probabilities(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[in
     return image_mask_logits(model, mask_logits, size, align_corners).sigmoid()
 
 
-def unclaimed_regions(masks: torch.Tensor, objectness: torch.Tensor, min_area: float) -> torch.Tensor:
-    """The parts of the image that no proposal claims, as extra proposals: masks (Q, H, W)
-    probabilities, objectness (Q,) = 1 - p(no object) -> (n, H, W) float {0, 1}.
-
-    A pixel is claimed when some query's objectness times its mask probability reaches 0.5;
-    each 4-connected region of unclaimed pixels covering at least `min_area` of the image becomes
-    a proposal. The proposal network is trained on seen classes only, and every pixel of an
-    unseen class counts as background for every mask, so it may learn to leave a whole unseen
-    region uncovered (on the toy world with `extensions.fine_dim`, the water); CLIP can still
-    name such a region if it is proposed. Not part of FreeSeg: `InferenceConfig.unclaimed_min_area`
-    is 0 in every paper preset.
-    """
-    H, W = masks.shape[-2:]
-    if len(masks):
-        claimed = (masks * objectness[:, None, None]).amax(0) >= 0.5
-    else:
-        claimed = torch.zeros(H, W, dtype=torch.bool, device=masks.device)
-    labels, n = scipy.ndimage.label((~claimed).cpu().numpy())  # 4-connectivity
-    regions = torch.from_numpy(labels).to(masks.device)
-    sizes = torch.bincount(regions.flatten(), minlength=n + 1)[1:]  # pixels of region 1..n
-    keep = (torch.nonzero(sizes >= min_area * H * W).flatten() + 1).tolist()
-    return torch.stack([regions == k for k in keep]).to(masks.dtype) if keep else masks.new_zeros(0, H, W)
-
-
 def clip_probabilities(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor, text: torch.Tensor,
-                       cfg: InferenceConfig) -> torch.Tensor:
+                       cfg: InferenceConfig, hooks: Hooks = PAPER) -> torch.Tensor:
     """CLIP's class probabilities (Q, K) of the crops of `masks` (Q, H, W) out of `image` (3, H, W).
     The official protocol scales the cosines by 100 and gives an empty mask a row of ones;
     "mask2former" uses CLIP's own learned scale and a uniform row (region_classifier.py)."""
     official = cfg.protocol == "official"
     regions = RegionClassifier(model.clip_model, cfg.mask_threshold, cfg.mask_expand_ratio, cfg.clip_chunk,
-                               cfg.clip_largest_part, cfg.clip_erode, cfg.clip_flip,
                                temperature=OFFICIAL_TEMPERATURE if official else None,
-                               empty_fill=1.0 if official else None)
+                               empty_fill=1.0 if official else None,
+                               prepare_masks=hooks.prepare_masks, encode=hooks.encode_crops)
     return regions.to(image.device)(image, masks, text)
 
 
 def classify_with_clip(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor,
-                       text: torch.Tensor, unseen: torch.Tensor, cfg: InferenceConfig) -> tuple:
+                       text: torch.Tensor, unseen: torch.Tensor, cfg: InferenceConfig, hooks: Hooks = PAPER) -> tuple:
     """The CLIP half of inference: masks (Q, H, W) probabilities and the mask classifier's
     probs (Q, K + 1) -> (masks (Q + n, H, W), p_clip (Q + n, K), p_ens (Q + n, K)), where the n
-    extra rows are the unclaimed regions (`cfg.unclaimed_min_area`; n = 0 when off). `text`
-    (K, E): what CLIP names the regions against (`region_text`).
+    extra rows are `hooks.extra_proposals` (FreeSeg: none, n = 0). `text` (K, E): what CLIP
+    names the regions against (`region_text`).
 
     p_ens of the Q queries is the geometric ensemble of the mask classifier and CLIP (paper
-    eq. 6), not renormalised; an unclaimed region has no query, so CLIP alone names it.
+    eq. 6), not renormalised; an extra proposal has no query, so CLIP alone names it.
     """
     Q = len(masks)
-    if cfg.unclaimed_min_area > 0:
-        masks = torch.cat([masks, unclaimed_regions(masks, 1 - probs[:, -1], cfg.unclaimed_min_area)])
-    p_clip = clip_probabilities(model, image, masks, text, cfg)  # crops of the input image, (Q + n, K)
+    if hooks.extra_proposals is not None:
+        masks = torch.cat([masks, hooks.extra_proposals(masks, 1 - probs[:, -1])])
+    p_clip = clip_probabilities(model, image, masks, text, cfg, hooks)  # crops of the input image, (Q + n, K)
     ensemble = official_ensemble if cfg.protocol == "official" else geometric_ensemble
     p_ens = ensemble(probs[:, :-1], p_clip[:Q], unseen, cfg.clip_weight_seen, cfg.clip_weight_unseen)
     return masks, p_clip, torch.cat([p_ens, p_clip[Q:]])
@@ -167,7 +163,7 @@ def classify_with_clip(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor,
 def predict(model: FreeSeg, image: torch.Tensor, class_names: list[str], unseen: torch.Tensor,
             is_thing: torch.Tensor, tasks: tuple[str, ...] | None = None, cfg: InferenceConfig | None = None,
             out_size: tuple[int, int] | None = None, text_cache: dict | None = None,
-            timings: dict | None = None) -> dict:
+            timings: dict | None = None, hooks: Hooks = PAPER) -> dict:
     """One image (3, H, W) uint8 or float 0-255 -> results per task:
         "semantic": (K, H_out, W_out) class scores (argmax = label map),
         "instance": {"masks": (n, H_out, W_out) bool, "scores": (n,), "labels": (n,)},
@@ -177,6 +173,7 @@ def predict(model: FreeSeg, image: torch.Tensor, class_names: list[str], unseen:
     the masks to it first, "official" resizes its results (see `official_results`: the panoptic
     ids it returns are the official uint8 ids, segments_info without scores);
     text_cache: a dict kept by the caller across images (drop it if the prompts change);
+    hooks: the extension points (`Hooks`; default FreeSeg's inference);
     timings: a dict that receives seconds per stage: "extract" (backbone and pixel decoder, once), and per
     task {"text", "ttpt", "interaction_decoder", "region_clip", "postprocess"}.
     """
@@ -198,7 +195,7 @@ def predict(model: FreeSeg, image: torch.Tensor, class_names: list[str], unseen:
         features = model.extract(image[None])
         record_time(timings, "extract", start)
         return {task: _predict_task(model, image, features, task, class_names, unseen, is_thing, cfg, out_size,
-                                    text_cache, timings)
+                                    text_cache, timings, hooks)
                 for task in tasks}
     finally:
         model.train(was_training)
@@ -206,7 +203,8 @@ def predict(model: FreeSeg, image: torch.Tensor, class_names: list[str], unseen:
 
 def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str, class_names: list[str],
                   unseen: torch.Tensor, is_thing: torch.Tensor, cfg: InferenceConfig,
-                  out_size: tuple[int, int] | None, text_cache: dict | None, timings: dict | None):
+                  out_size: tuple[int, int] | None, text_cache: dict | None, timings: dict | None,
+                  hooks: Hooks):
     """One task of `predict` on the shared image features."""
     K, (H, W) = len(class_names), image.shape[-2:]
     task_times = {} if timings is not None else None
@@ -218,7 +216,7 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
         with tuned_prompt(model, features, class_names, task, unseen, cfg.ttpt):  # this image's prompt
             text = model.text_features(class_names, task)
             if cfg.use_clip:
-                clip_text = region_text(model, class_names, task, cfg, text=text)  # every task's prompt tuned
+                clip_text = region_text(model, class_names, task, hooks, text=text)  # every task's prompt tuned
         start = record_time(task_times, "ttpt", start)
     out = model.decode(features, text)
     start = record_time(task_times, "interaction_decoder", start)
@@ -230,12 +228,12 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
     official = cfg.protocol == "official"
     if cfg.use_clip:
         if clip_text is None:
-            clip_text = region_text(model, class_names, task, cfg, text_cache, text)
+            clip_text = region_text(model, class_names, task, hooks, text_cache, text)
         Q = len(masks)
-        masks, _, p_ens = classify_with_clip(model, image, masks, probs, clip_text, unseen, cfg)  # Q + n rows
+        masks, _, p_ens = classify_with_clip(model, image, masks, probs, clip_text, unseen, cfg, hooks)  # Q + n rows
         if official:
             p_mask = p_ens  # the raw ensemble, as the official post-processing takes it
-            # Unclaimed regions (toy preset) are binary masks: as logits, -inf or +inf.
+            # Extra proposals (rows Q onwards) are binary masks: as logits, -inf or +inf.
             logits = torch.cat([logits, torch.where(masks[Q:] > 0.5, torch.inf, -torch.inf)])
         else:
             # A geometric mean of two distributions sums to less than 1 (the less, the more they
@@ -243,7 +241,7 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
             # ensemble decides WHICH class, the mask classifier WHETHER there is an object, so
             # thresholds on scores (panoptic, instance) keep their meaning. The official code
             # re-sharpens with softmax(p / 0.01) in panoptic/instance inference instead.
-            # Unclaimed regions (rows Q onwards) are not "no object".
+            # Extra proposals (rows Q onwards) are not "no object".
             p_mask = torch.cat([p_ens[:Q] / p_ens[:Q].sum(-1, keepdim=True).clamp_min(1e-12) * (1 - p_void),
                                 p_ens[Q:]])
             p_void = torch.cat([p_void, p_void.new_zeros(len(masks) - Q, 1)])

@@ -18,11 +18,9 @@ The scale is the official constant 100 (clip_adapter/adapter.py, `get_sim_logits
 same for OpenAI's models (their scale is capped at 100), but the toy world's tiny CLIP learned
 about 15, and its cosines x 100 would be far too peaked.
 
-Options that are not in FreeSeg (off by default and in every paper preset; the toy preset turns
-them on, docs/toy_experiments.md): `largest_part` crops only the largest 4-connected part of
-each binary mask, after eroding it by `erode` pixels, so that stray pixels far from the object
-do not stretch the box and shrink the object in the crop; `flip` averages CLIP's features of
-each crop and of its mirror image (horizontal-flip test-time augmentation).
+Extension points (FreeSeg has neither; freeseg/extensions.py fills them for the toy world):
+`prepare_masks`, a callable that turns the binary masks into the masks that are cropped, and
+`encode`, the callable that turns crops into CLIP features (default `encode_crops`).
 
 Deliberate differences from the official code:
   - under "mask2former", a query whose binary mask is empty gets a uniform CLIP row (1/K); the
@@ -32,7 +30,8 @@ Deliberate differences from the official code:
   - crops are encoded in chunks of `chunk` instead of all at once, to bound memory.
 """
 
-import scipy.ndimage
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,27 +52,9 @@ def clip_logit_scale(clip_model: nn.Module) -> float:
 OFFICIAL_TEMPERATURE = 100.0
 
 
-def largest_parts(masks: torch.Tensor, erode: int = 0) -> torch.Tensor:
-    """masks (N, H, W) bool -> (N, H, W) bool: of each mask, the largest 4-connected part after
-    eroding it by `erode` pixels (a (2 erode + 1)-pixel square). Erosion cuts thin bridges and
-    spurs first; a mask that it would empty is taken as it is. Ties go to the part whose first
-    pixel comes first in row-major order."""
-    if erode < 0:
-        raise ValueError(f"largest_parts: erode must be >= 0, got {erode}")
-    masks = masks.bool()
-    if erode > 0 and len(masks):
-        # Erosion is a max-pool of the complement; pixels beyond the border count as inside.
-        eroded = -F.max_pool2d(-masks[:, None].float(), 2 * erode + 1, stride=1, padding=erode)[:, 0] > 0.5
-        kept = eroded.flatten(1).any(dim=1)
-        masks = torch.where(kept[:, None, None], eroded, masks)
-    parts = []
-    for mask in masks.cpu().numpy():
-        labels, n = scipy.ndimage.label(mask)  # 4-connectivity
-        if n > 1:
-            sizes = torch.bincount(torch.from_numpy(labels).flatten(), minlength=n + 1)[1:]
-            mask = labels == int(sizes.argmax()) + 1
-        parts.append(torch.from_numpy(mask))
-    return torch.stack(parts).to(masks.device) if parts else masks
+def encode_crops(clip_model: nn.Module, crops: torch.Tensor) -> torch.Tensor:
+    """crops (n, 3, R, R) in CLIP's normalisation -> CLIP's image features (n, E), L2-normalised."""
+    return F.normalize(clip_model.encode_image(crops).float(), dim=-1)
 
 
 class RegionClassifier(nn.Module):
@@ -83,25 +64,25 @@ class RegionClassifier(nn.Module):
     -> probs (Q, K): softmax over K of scale * cos(CLIP region feature, text feature), scale =
     `temperature`, or CLIP's own logit scale when None (100 for OpenAI's models).
     Queries whose binarised mask is empty get the row `empty_fill`, or the uniform row 1/K when
-    None (the official code: ones). `largest_part`, `erode` and `flip`: see the module docstring.
+    None (the official code: ones).
+    Extension points: `prepare_masks` (binary masks (n, H, W) bool -> the (n, H, W) bool masks to
+    crop; None: the binary masks themselves, as FreeSeg) and `encode` ((clip_model, crops) ->
+    (n, E) L2-normalised features; FreeSeg: `encode_crops`).
     """
 
     def __init__(self, clip_model: nn.Module, mask_threshold: float = 0.5, expand_ratio: float = 1.0,
-                 chunk: int = 32, largest_part: bool = False, erode: int = 0, flip: bool = False,
-                 temperature: float | None = None, empty_fill: float | None = None):
+                 chunk: int = 32, temperature: float | None = None, empty_fill: float | None = None,
+                 prepare_masks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 encode: Callable[[nn.Module, torch.Tensor], torch.Tensor] = encode_crops):
         super().__init__()
         if chunk < 1:
             raise ValueError(f"RegionClassifier: chunk must be >= 1, got {chunk}")
-        if erode < 0 or (erode > 0 and not largest_part):
-            raise ValueError(f"RegionClassifier: erode must be >= 0 and needs largest_part, got erode={erode}, "
-                             f"largest_part={largest_part}")
         self.clip_model = clip_model
         self.mask_threshold = mask_threshold
         self.expand_ratio = expand_ratio
         self.chunk = chunk
-        self.largest_part = largest_part
-        self.erode = erode
-        self.flip = flip
+        self.prepare_masks = prepare_masks
+        self.encode = encode
         self.temperature = temperature
         self.empty_fill = empty_fill
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
@@ -112,19 +93,15 @@ class RegionClassifier(nn.Module):
         valid = (mask_probs > self.mask_threshold).flatten(1).any(dim=1)  # (Q,)
         features = image.new_zeros(mask_probs.shape[0], self.clip_model.embed_dim, dtype=torch.float32)
         binary = mask_probs[valid] > self.mask_threshold
-        if self.largest_part:
-            binary = largest_parts(binary, self.erode)
+        if self.prepare_masks is not None:
+            binary = self.prepare_masks(binary)
         size = self.clip_model.input_resolution
         fill = self.clip_mean.flatten()
         for start in range(0, binary.shape[0], self.chunk):
             crops = crop_masked_regions(image, binary[start:start + self.chunk], size, self.expand_ratio, fill)
             crops = normalize_pixels(crops)  # CLIP's normalisation
-            out = F.normalize(self.clip_model.encode_image(crops).float(), dim=-1)  # (n, E)
-            if self.flip:
-                out = F.normalize(out + F.normalize(self.clip_model.encode_image(crops.flip(-1)).float(), dim=-1),
-                                  dim=-1)
             idx = valid.nonzero().flatten()[start:start + self.chunk]
-            features[idx] = out
+            features[idx] = self.encode(self.clip_model, crops)  # (n, E)
         return features, valid
 
     def classify(self, features: torch.Tensor, valid: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
