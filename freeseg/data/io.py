@@ -192,8 +192,10 @@ def read_rgb_image(path: str) -> np.ndarray:
     """A photograph as the user sees it: (H, W, 3) uint8 RGB from any file PIL reads, EXIF
     orientation applied, grayscale replicated, palette mapped, transparency composited on
     white, 16-bit and float images scaled to 8 bits. What cannot be converted faithfully (a
-    float image outside 0-255, say) is a DataError naming the file, as is an unreadable file."""
-    return _decode(path, lambda img: _as_rgb(img, path))
+    float image outside 0-255, say) is a DataError naming the file, as is an unreadable file.
+    The array is writable, so `torch.from_numpy` can take it as it is."""
+    rgb = _decode(path, lambda img: _as_rgb(img, path))
+    return rgb if rgb.flags.writeable else rgb.copy()
 
 
 def check_output_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...],
