@@ -60,7 +60,8 @@ OFFICIAL = {
         "data.image_size": (512, VOC_BASE), "data.augmentation": ("semantic", VOC),
         "data.short_side_base": (640, VOC_BASE), "data.min_scale": (0.5, VOC_BASE), "data.max_scale": (1.5, VOC_BASE),
         "data.test_short_side": (512, VOC_BASE), "data.prompt_samples_per_class": (128, VOC_PROMPT),
-        "inference.tasks": (("semantic",), VOC), "inference.clip_weight_unseen": (0.8, VOC),
+        "inference.tasks": (("semantic",), VOC), "train.tasks": (("semantic",), VOC),
+        "inference.clip_weight_unseen": (0.8, VOC),
     },
     "voc_prompt": {
         "train.optimizer": ("sgd", VOC_PROMPT), "train.lr": (0.02, VOC_PROMPT), "train.weight_decay": (0.001, VOC_PROMPT),
@@ -74,6 +75,7 @@ OFFICIAL = {
         "data.image_size": (512, ADE), "data.augmentation": ("semantic", "ade_all_task_dataset_mapper.py"),
         "data.min_scale": (0.5, ADE_BASE), "data.max_scale": (2.0, ADE_BASE), "data.test_short_side": (512, ADE_BASE),
         "data.prompt_samples_per_class": (32, ADE_PROMPT), "inference.tasks": (("semantic", "instance", "panoptic"), ADE),
+        "train.tasks": (("semantic", "instance", "panoptic"), ADE),
         "inference.object_mask_threshold": (0.5, ADE), "inference.overlap_threshold": (0.5, ADE),
     },
     "ade_prompt": {
