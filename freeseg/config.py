@@ -220,6 +220,18 @@ class InferenceConfig:
     # > 0: every unclaimed region covering at least this fraction of the image becomes a proposal
     # named by CLIP alone (inference.unclaimed_regions; not in FreeSeg, toy preset only).
     unclaimed_min_area: float = 0.0
+    # Fast mode (`--fast` on evaluate.py and demo.py; docs/speed.md): an approximation that
+    # skips region CLIP where it can hardly change the result. A query CLIP does not see is
+    # named by the mask classifier alone. CLIP sees, per task, only the queries whose object
+    # probability 1 - p(no object) reaches `fast_min_object` (panoptic under "mask2former": also
+    # exceeds `object_mask_threshold`, which drops the others anyway), and for semantic only the
+    # `fast_semantic_queries` most object-like; one crop serves masks, of any task, whose binary
+    # masks overlap with IoU >= `fast_share_iou`. Off: every non-empty mask is encoded, and
+    # only identical binary masks share a crop (exact, the default).
+    fast: bool = False
+    fast_min_object: float = 0.1
+    fast_semantic_queries: int = 20
+    fast_share_iou: float = 0.9
     ttpt: TTPTConfig = field(default_factory=TTPTConfig)
 
 
@@ -506,6 +518,9 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "inference.panoptic_keep_by": _choice("class", "object"),
     "inference.instance_topk": AT_LEAST_1,
     "inference.unclaimed_min_area": FRACTION,
+    "inference.fast_min_object": FRACTION,
+    "inference.fast_semantic_queries": AT_LEAST_1,
+    "inference.fast_share_iou": FRACTION,
     "inference.ttpt.steps": NON_NEGATIVE,
     "inference.ttpt.lr": POSITIVE,
     "inference.ttpt.entropy_threshold": FRACTION,

@@ -29,7 +29,11 @@ Deliberate differences from the official code:
     official code (and the "official" protocol) uses a row of ones. Both leave that query's
     ranking of classes to the mask classifier; ours keeps every row a probability distribution
     (the two differ by the factor K^-w, which is not the same for seen and unseen classes).
-  - crops are encoded in chunks of `chunk` instead of all at once, to bound memory.
+  - crops are encoded in chunks of `chunk` instead of all at once, to bound memory;
+  - a binary mask that occurs more than once (within a task, or across the three tasks when
+    inference.py stacks them) is cropped and encoded once (`shared_masks`): the same crop gives
+    the same features, so the outputs do not change. With `share_iou` < 1 (fast mode) masks that
+    nearly agree share one crop too, an approximation.
 """
 
 import scipy.ndimage
@@ -76,6 +80,45 @@ def largest_parts(masks: torch.Tensor, erode: int = 0) -> torch.Tensor:
     return torch.stack(parts).to(masks.device) if parts else masks
 
 
+def shared_masks(binary: torch.Tensor, share_iou: float | None = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which binary masks (N, H, W) can share one crop -> (first (U,) long: the index of each
+    group's first mask, in order; inverse (N,) long: each mask's group, so binary[first][inverse]
+    stands for binary). share_iou 1: identical masks only (exact); < 1: a mask joins the first
+    earlier group whose first mask overlaps it with IoU >= share_iou; None: no sharing."""
+    N = binary.shape[0]
+    if share_iou is None or N == 0:
+        return torch.arange(N, device=binary.device), torch.arange(N, device=binary.device)
+    flat = binary.flatten(1)  # (N, H*W)
+    inverse = torch.empty(N, dtype=torch.long)
+    first: list[int] = []
+    if share_iou >= 1:
+        # Identical masks have identical packed bits: 8 pixels a byte, compared as bytes on the CPU.
+        pad = (-flat.shape[1]) % 8
+        bits = F.pad(flat, (0, pad)).view(N, -1, 8).to(torch.uint8)  # (N, H*W / 8, 8)
+        packed = (bits << torch.arange(7, -1, -1, device=binary.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+        groups: dict[bytes, int] = {}
+        for n, row in enumerate(packed.cpu().numpy()):
+            key = row.tobytes()
+            if key not in groups:
+                groups[key] = len(first)
+                first.append(n)
+            inverse[n] = groups[key]
+    else:
+        # IoU on every second row and column: a quarter of the work, and an approximation anyway.
+        f = binary[:, ::2, ::2].flatten(1).float()  # (N, H*W / 4); counts below 2^24 are exact
+        inter = f @ f.t()  # (N, N) pixels in common
+        area = inter.diagonal()
+        iou = (inter / (area[:, None] + area[None, :] - inter).clamp_min(1)).cpu()
+        for n in range(N):
+            match = [g for g, m in enumerate(first) if iou[n, m] >= share_iou]
+            if match:
+                inverse[n] = match[0]
+            else:
+                inverse[n] = len(first)
+                first.append(n)
+    return torch.tensor(first, dtype=torch.long, device=binary.device), inverse.to(binary.device)
+
+
 class RegionClassifier(nn.Module):
     """Classify mask proposals with frozen CLIP (paper, section 3.3).
 
@@ -84,11 +127,14 @@ class RegionClassifier(nn.Module):
     `temperature`, or CLIP's own logit scale when None (100 for OpenAI's models).
     Queries whose binarised mask is empty get the row `empty_fill`, or the uniform row 1/K when
     None (the official code: ones). `largest_part`, `erode` and `flip`: see the module docstring.
+    `share_iou`: which masks share one crop (`shared_masks`): 1 identical ones (the default,
+    exact), < 1 also those that nearly agree (fast mode), None none (every crop encoded).
     """
 
     def __init__(self, clip_model: nn.Module, mask_threshold: float = 0.5, expand_ratio: float = 1.0,
                  chunk: int = 32, largest_part: bool = False, erode: int = 0, flip: bool = False,
-                 temperature: float | None = None, empty_fill: float | None = None):
+                 temperature: float | None = None, empty_fill: float | None = None,
+                 share_iou: float | None = 1.0):
         super().__init__()
         if chunk < 1:
             raise ValueError(f"RegionClassifier: chunk must be >= 1, got {chunk}")
@@ -104,14 +150,18 @@ class RegionClassifier(nn.Module):
         self.flip = flip
         self.temperature = temperature
         self.empty_fill = empty_fill
+        self.share_iou = share_iou
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     @torch.no_grad()
     def encode_regions(self, image: torch.Tensor, mask_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (features (Q, E) L2-normalised, zero rows for empty masks; valid (Q,) bool)."""
+        """mask_probs (Q, H, W) probabilities, or binary masks -> (features (Q, E) L2-normalised,
+        zero rows for empty masks; valid (Q,) bool)."""
         valid = (mask_probs > self.mask_threshold).flatten(1).any(dim=1)  # (Q,)
         features = image.new_zeros(mask_probs.shape[0], self.clip_model.embed_dim, dtype=torch.float32)
         binary = mask_probs[valid] > self.mask_threshold
+        first, inverse = shared_masks(binary, self.share_iou)
+        binary, unique = binary[first], image.new_zeros(len(first), self.clip_model.embed_dim, dtype=torch.float32)
         if self.largest_part:
             binary = largest_parts(binary, self.erode)
         size = self.clip_model.input_resolution
@@ -123,8 +173,8 @@ class RegionClassifier(nn.Module):
             if self.flip:
                 out = F.normalize(out + F.normalize(self.clip_model.encode_image(crops.flip(-1)).float(), dim=-1),
                                   dim=-1)
-            idx = valid.nonzero().flatten()[start:start + self.chunk]
-            features[idx] = out
+            unique[start:start + self.chunk] = out
+        features[valid] = unique[inverse]
         return features, valid
 
     def classify(self, features: torch.Tensor, valid: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
