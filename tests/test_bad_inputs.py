@@ -247,7 +247,7 @@ CASES = [
     ("eval-set-weight", E, ALL + ["--set", "inference.clip_weight_seen=2"], 2,
      "inference.clip_weight_seen=2.0: must be a finite number >= 0 and <= 1"),
     ("eval-set-training-key", E, ALL + ["--set", "train.lr=1"], 2,
-     "evaluation override 'train.lr=1': only inference.* and data.test_short_side can change after training"),
+     "evaluation override 'train.lr=1': only inference.*, data.test_short_side and data.num_workers can change after training"),
     ("eval-split-missing", E, ALL + ["--split", "nope"], 2, "missing prepared nope split"),
     ("eval-gt-wrong-size", E, ALL + ["--data-root", "data_bad", "--tasks", "semantic"], 2,
      "semantic map is 12x10 (WxH) but its image"),

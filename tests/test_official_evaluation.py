@@ -61,3 +61,17 @@ def test_official_protocol_scores_the_three_tasks_against_the_instances_json(toy
             evaluate_model(model, official, toy_data, "val", tasks, {"run": official.inference})
     finally:
         (toy_data / "moved.json").rename(toy_data / "instances_val.json")
+
+
+@pytest.mark.parametrize("protocol", ["mask2former", "official"])
+def test_loader_workers_give_the_same_scores(toy_data, protocol, capsys):
+    """Images read ahead by DataLoader workers are the images read in the loop, in order."""
+    model, cfg = tiny_toy_model()
+    cfg.inference.protocol = protocol
+    tasks = ("semantic", "instance", "panoptic")
+    results = {}
+    for workers in (0, 2):
+        cfg.data.num_workers = workers
+        results[workers] = evaluate_model(model, cfg, toy_data, "val", tasks, {"run": cfg.inference})["run"]
+        assert "3 images in" in capsys.readouterr().out
+    assert repr(results[0]) == repr(results[2])  # repr: NaN (no unseen instance) equals itself
