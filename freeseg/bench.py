@@ -1,5 +1,5 @@
 """Benchmarks. `python -m freeseg.bench msda [--threads 2] [--repeat 5]`, `python -m freeseg.bench step`,
-`python -m freeseg.bench prompts`.
+`python -m freeseg.bench prompts`, `python -m freeseg.bench infer [--protocol official] [--device cuda]`.
 
 msda: multi-scale deformable attention at the size of FreeSeg's pixel-decoder encoder layer
 (Deformable DETR's defaults as used by Mask2Former and FreeSeg): batch 1, a 640x640
@@ -24,6 +24,16 @@ and 8 task vectors: forward and forward+backward (to the prompts) of the whole s
 (`PromptLearner.sequences` + `CLIP.encode_text_embeddings`) against the path the learner takes,
 which computes the tokens every prompt shares once (`CLIP.encode_text_shared_prefix`). Prints the
 median times, the speed-up and the largest difference of the features.
+
+infer: `inference.predict` of the full-size model (COCO preset, random weights, ViT-B/16-shaped
+CLIP) on one random 640x480 image with 133 classes, all three tasks, under `--protocol`. Modes
+(`--modes`): "previous" (`straightforward_predict`: task by task, every crop encoded), "exact"
+(predict) and "fast" (predict with `inference.fast`), run interleaved `--repeat` times after the
+text features are cached. Prints the median seconds of each stage (`StageTimer`: forward hooks
+and wrappers around inference.py's building blocks; predict carries no timing code), the text
+features' cold time, the crops CLIP encoded, peak memory, images per second, the speed-up over
+"previous", and whether each mode's outputs equal the previous path's. docs/speed.md has the
+numbers and what the modes do.
 """
 
 import argparse

@@ -292,6 +292,9 @@ CASES = [
     # --- benchmarks
     ("bench-repeat-zero", B, ["msda", "--repeat", "0"], 2, "--repeat 0: must be at least 1"),
     ("bench-device", B, ["step", "--device", "tpu"], 2, "--device tpu: must be cpu or cuda"),
+    ("bench-infer-repeat-zero", B, ["infer", "--repeat", "0"], 2, "--repeat 0: must be at least 1"),
+    ("bench-infer-threads-zero", B, ["infer", "--threads", "0"], 2, "--threads 0: must be at least 1"),
+    ("bench-infer-device", B, ["infer", "--device", "tpu"], 2, "--device tpu: must be cpu or cuda"),
 ]
 
 

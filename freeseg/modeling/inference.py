@@ -201,7 +201,7 @@ def region_probabilities(model: FreeSeg, image: torch.Tensor, decoded: dict[str,
     masks = {task: proposals(d["masks"], d["probs"], cfg) for task, d in decoded.items()}
     wanted = {task: fast_queries(task, decoded[task]["probs"], len(m), cfg) if cfg.fast
               else torch.ones(len(m), dtype=torch.bool, device=m.device) for task, m in masks.items()}
-    binary = torch.cat([m[wanted[task]] > cfg.mask_threshold for task, m in masks.items()])  # (sum of rows, H, W)
+    binary = torch.cat([(m > cfg.mask_threshold)[wanted[task]] for task, m in masks.items()])  # (sum of rows, H, W)
     features, valid = regions.encode_regions(image, binary)
     out, start = {}, 0
     for task, m in masks.items():
