@@ -36,6 +36,7 @@ Deliberate differences from the official code:
     nearly agree share one crop too, an approximation.
 """
 
+import numpy as np
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
@@ -108,11 +109,11 @@ def shared_masks(binary: torch.Tensor, share_iou: float | None = 1.0) -> tuple[t
         f = binary[:, ::2, ::2].flatten(1).float()  # (N, H*W / 4); counts below 2^24 are exact
         inter = f @ f.t()  # (N, N) pixels in common
         area = inter.diagonal()
-        iou = (inter / (area[:, None] + area[None, :] - inter).clamp_min(1)).cpu()
+        iou = (inter / (area[:, None] + area[None, :] - inter).clamp_min(1)).cpu().numpy()
         for n in range(N):
-            match = [g for g, m in enumerate(first) if iou[n, m] >= share_iou]
-            if match:
-                inverse[n] = match[0]
+            match = np.flatnonzero(iou[n, first] >= share_iou)  # groups, in order
+            if len(match):
+                inverse[n] = int(match[0])
             else:
                 inverse[n] = len(first)
                 first.append(n)
