@@ -266,8 +266,10 @@ def predict(model: FreeSeg, image: torch.Tensor, class_names: list[str], unseen:
 def decode_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str, class_names: list[str],
                 unseen: torch.Tensor, cfg: InferenceConfig, text_cache: dict | None) -> dict:
     """One task's network pass on the shared image features -> {"logits": mask logits (Q, H, W)
-    at the image size, "masks": their sigmoid, "probs": the mask classifier's softmax (Q, K + 1),
-    "clip_text": what CLIP names this task's regions against (K, E), or None without CLIP}."""
+    at the image size (the official rules threshold them; None under "mask2former", which needs
+    only their sigmoid: `predict` holds every task's masks at once), "masks": their sigmoid,
+    "probs": the mask classifier's softmax (Q, K + 1), "clip_text": what CLIP names this task's
+    regions against (K, E), or None without CLIP}."""
     H, W = image.shape[-2:]
     text = _task_text(model, class_names, task, text_cache)
     clip_text = None  # what CLIP names the regions against, from the same prompt as `text`
@@ -280,8 +282,8 @@ def decode_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str, 
     if cfg.use_clip and clip_text is None:
         clip_text = region_text(model, class_names, task, cfg, text_cache, text)
     logits = image_mask_logits(model, out["pred_masks"][0], (H, W), cfg.mask_align_corners)  # (Q, H, W)
-    return {"logits": logits, "masks": logits.sigmoid(), "probs": out["pred_logits"][0].softmax(dim=-1),
-            "clip_text": clip_text}
+    return {"logits": logits if cfg.protocol == "official" else None, "masks": logits.sigmoid(),
+            "probs": out["pred_logits"][0].softmax(dim=-1), "clip_text": clip_text}
 
 
 def finish_task(task: str, decoded: dict, masks: torch.Tensor | None, p_clip: torch.Tensor | None,
@@ -290,7 +292,7 @@ def finish_task(task: str, decoded: dict, masks: torch.Tensor | None, p_clip: to
     """One task's ensemble and post-processing: `decode_task` output, the proposals masks
     (Q + n, H, W) and their p_clip (Q + n, K) (both None without CLIP) -> the task's result."""
     logits, probs = decoded["logits"], decoded["probs"]
-    (Q, H, W), K = logits.shape, probs.shape[1] - 1
+    (Q, H, W), K = decoded["masks"].shape, probs.shape[1] - 1
     p_mask, p_void = probs[:, :K], probs[:, K:]
     official = cfg.protocol == "official"
     if p_clip is None:
