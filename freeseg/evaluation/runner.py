@@ -105,12 +105,17 @@ class EvaluationImages(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> tuple:
-        sample, record = self.dataset[i], self.dataset.records[i]
-        if self.official_short_side is not None:
-            image = official_test_image(Path(self.dataset.root) / record["file_name"], self.official_short_side)
-        else:
-            image = self.resize(sample, np.random.default_rng(0))["image"]
-        pan_gt = _panoptic_gt(self.data_root, record) if record.get("panoptic_file") else None
+        try:
+            sample, record = self.dataset[i], self.dataset.records[i]
+            if self.official_short_side is not None:
+                image = official_test_image(Path(self.dataset.root) / record["file_name"], self.official_short_side)
+            else:
+                image = self.resize(sample, np.random.default_rng(0))["image"]
+            pan_gt = _panoptic_gt(self.data_root, record) if record.get("panoptic_file") else None
+        except UserError as err:
+            # Handed over, not raised: a worker's exception reaches the main process wrapped in
+            # the worker's traceback, and a bad file must stay a one-line error.
+            return i, err, None, None
         return i, sample, image, pan_gt
 
 
@@ -154,6 +159,8 @@ def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: 
         collate_fn=_as_is)
     start = time.perf_counter()
     for done, (i, sample, image, pan_gt) in enumerate(loader, 1):
+        if isinstance(sample, UserError):
+            raise sample
         record = records[i]
         h, w = sample["sem_seg"].shape
         for name, icfg in variants.items():
