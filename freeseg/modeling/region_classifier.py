@@ -93,17 +93,18 @@ def shared_masks(binary: torch.Tensor, share_iou: float | None = 1.0) -> tuple[t
     inverse = torch.empty(N, dtype=torch.long)
     first: list[int] = []
     if share_iou >= 1:
-        # Identical masks have identical packed bits: 8 pixels a byte, compared as bytes on the CPU.
-        pad = (-flat.shape[1]) % 8
-        bits = F.pad(flat, (0, pad)).view(N, -1, 8).to(torch.uint8)  # (N, H*W / 8, 8)
-        packed = (bits << torch.arange(7, -1, -1, device=binary.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
-        groups: dict[bytes, int] = {}
-        for n, row in enumerate(packed.cpu().numpy()):
-            key = row.tobytes()
-            if key not in groups:
-                groups[key] = len(first)
+        # Identical masks have equal areas: only masks of equal area are compared pixel by pixel
+        # (one pass over the masks for the areas, instead of hashing every mask).
+        groups_of_area: dict[int, list[int]] = {}
+        areas = flat.view(torch.uint8).sum(1, dtype=torch.int32)  # (N,); bool's own sum is slower
+        for n, area in enumerate(areas.tolist()):
+            groups = groups_of_area.setdefault(area, [])
+            match = next((g for g in groups if torch.equal(flat[first[g]], flat[n])), None)
+            if match is None:
+                match = len(first)
+                groups.append(match)
                 first.append(n)
-            inverse[n] = groups[key]
+            inverse[n] = match
     else:
         # IoU on every second row and column: a quarter of the work, and an approximation anyway.
         f = binary[:, ::2, ::2].flatten(1).float()  # (N, H*W / 4); counts below 2^24 are exact
