@@ -119,3 +119,30 @@ def test_fast_mode(protocol):
     _, exact_crops = count_crops(model, inference.predict, model, image, NAMES, UNSEEN, IS_THING, cfg=exact_cfg)
     assert fast_crops < exact_crops
     assert set(fast) == set(exact)
+
+
+def test_stage_timer_measures_predict_from_outside():
+    """The benchmark's timer: every stage of one predict call, CLIP's images counted, and the
+    model and inference.py as they were once it is detached."""
+    from freeseg.bench import StageTimer
+    from freeseg.modeling import region_classifier
+
+    model = model_with(True)
+    image = synthetic_batch()[0][1]
+    originals = (inference.decode_task, inference.finish_task, region_classifier.crop_masked_regions)
+    timer = StageTimer(model, "cpu")
+    cache = {}
+    with timer.attached():
+        inference.predict(model, image, NAMES, UNSEEN, IS_THING, cfg=InferenceConfig(), text_cache=cache)
+    tasks = ("semantic", "instance", "panoptic")
+    assert set(timer.times) == {"backbone", "pixel decoder", "text", "crops", "region CLIP",
+                                *(f"interaction + decoder/{t}" for t in tasks), *(f"post-processing/{t}" for t in tasks)}
+    assert all(seconds >= 0 for seconds in timer.times.values())
+    _, crops = count_crops(model, inference.predict, model, image, NAMES, UNSEEN, IS_THING, cfg=InferenceConfig())
+    assert timer.crops_encoded == crops > 0
+    assert (inference.decode_task, inference.finish_task, region_classifier.crop_masked_regions) == originals
+    assert not model.backbone._forward_hooks and not model.clip_model.visual._forward_pre_hooks
+    cached = StageTimer(model, "cpu")  # the text cache is full: the prompt learner does not run
+    with cached.attached():
+        inference.predict(model, image, NAMES, UNSEEN, IS_THING, cfg=InferenceConfig(), text_cache=cache)
+    assert "text" not in cached.times
