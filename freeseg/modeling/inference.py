@@ -33,6 +33,10 @@ Deliberate differences from the official code (both protocols):
   - one loop over tasks instead of three copied blocks; the image is encoded once, not three
     times, and text features are computed once per (class list, task) and may be cached across
     images (`text_cache`), where the official code re-runs CLIP's text tower for every call;
+  - all tasks' crops go through CLIP together and a binary mask that occurs twice is encoded
+    once: the same outputs, less work (docs/speed.md);
+  - fast mode (`InferenceConfig.fast`, off by default), an approximation of our own: CLIP only
+    for the proposals that can matter (`fast_queries`), crops shared by masks that nearly agree.
   - under "mask2former", panoptic post-processing follows Mask2Former's rule, which needs a "no
     object" probability per query: we append the mask classifier's own no-object probability to
     the ensembled class probabilities. The official FreeSeg code drops that column and instead
