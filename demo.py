@@ -72,6 +72,8 @@ def main(argv=None) -> None:
     p.add_argument("--task", default="all", choices=["semantic", "instance", "panoptic", "all"])
     p.add_argument("--checkpoint", default=str(TOY_CHECKPOINT))
     p.add_argument("--out", default="demo.png", help="picture to write (.png, .jpg, ...)")
+    p.add_argument("--fast", action="store_true",
+                   help="fast inference: region CLIP only where it can matter, an approximation (docs/speed.md)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle the checkpoint fully even if it holds more than weights: only for a file you "
                         "trust, as unpickling can run code hidden in it")
@@ -86,7 +88,7 @@ def main(argv=None) -> None:
     tasks = ("semantic", "instance", "panoptic") if args.task == "all" else (args.task,)
     if args.image is None:
         check_output_file(args.out, "--out", PICTURES, inputs)
-        demo_toy(args.checkpoint, args.out)
+        demo_toy(args.checkpoint, args.out, fast=args.fast)
         return
     if args.classes is None:
         raise ConfigError("--classes is required with --image")
@@ -96,7 +98,7 @@ def main(argv=None) -> None:
         check_output_file(path, "--out", PICTURES, inputs)
     check_output_file(json_path, "segments JSON (beside --out)", (".json",), inputs)
     image = read_image(args.image)
-    run_demo(args.checkpoint, image, raw, tasks, image_paths, json_path)
+    run_demo(args.checkpoint, image, raw, tasks, image_paths, json_path, args.fast)
 
 
 def vocabulary(raw: list[str], dataset: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -114,12 +116,13 @@ def vocabulary(raw: list[str], dataset: str) -> tuple[list[str], torch.Tensor, t
 
 
 def run_demo(checkpoint: str, image: np.ndarray, raw: list[str], tasks: tuple[str, ...], image_paths: list[Path],
-             json_path: Path) -> None:
+             json_path: Path, fast: bool = False) -> None:
     from freeseg.evaluation.runner import load_model
     from freeseg.extensions import inference_hooks
     from freeseg.modeling.inference import predict
 
     model, cfg, _ = load_model(checkpoint)
+    cfg.inference.fast = cfg.inference.fast or fast
     names, unseen, is_thing = vocabulary(raw, cfg.data.dataset)
     with torch.no_grad():
         result = predict(model, torch.from_numpy(image.copy()).permute(2, 0, 1), names, unseen, is_thing,

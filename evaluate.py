@@ -44,6 +44,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--protocol", default=None, choices=["mask2former", "official"],
                    help="inference and evaluation rules (default: the checkpoint's inference.protocol)")
+    p.add_argument("--fast", action="store_true",
+                   help="fast inference (inference.fast): region CLIP only where it can matter, an approximation "
+                        "(docs/speed.md)")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="inference overrides, e.g. --set inference.ttpt.steps=5 inference.clip_weight_unseen=0.7")
     p.add_argument("--out", default=None, help="results JSON (written atomically)")
@@ -65,7 +68,8 @@ def main(argv=None) -> None:
     evaluate_checkpoint(args.checkpoint, out=args.out, data_root=args.data_root, dataset=args.dataset,
                         split=args.split, tasks=args.tasks, ablation=args.ablation, ttpt=args.ttpt,
                         max_images=args.max_images, device=str(device),
-                        overrides=args.overrides + ([f"inference.protocol={args.protocol}"] if args.protocol else []))
+                        overrides=args.overrides + ([f"inference.protocol={args.protocol}"] if args.protocol else [])
+                        + (["inference.fast=true"] if args.fast else []))
     dist.cleanup()
 
 

@@ -1,5 +1,5 @@
 """Benchmarks. `python -m freeseg.bench msda [--threads 2] [--repeat 5]`, `python -m freeseg.bench step`,
-`python -m freeseg.bench prompts`.
+`python -m freeseg.bench prompts`, `python -m freeseg.bench infer [--protocol official] [--device cuda]`.
 
 msda: multi-scale deformable attention at the size of FreeSeg's pixel-decoder encoder layer
 (Deformable DETR's defaults as used by Mask2Former and FreeSeg): batch 1, a 640x640
@@ -24,9 +24,20 @@ and 8 task vectors: forward and forward+backward (to the prompts) of the whole s
 (`PromptLearner.sequences` + `CLIP.encode_text_embeddings`) against the path the learner takes,
 which computes the tokens every prompt shares once (`CLIP.encode_text_shared_prefix`). Prints the
 median times, the speed-up and the largest difference of the features.
+
+infer: `inference.predict` of the full-size model (COCO preset, random weights, ViT-B/16-shaped
+CLIP) on one random 640x480 image with 133 classes, all three tasks, under `--protocol`. Modes
+(`--modes`): "previous" (`straightforward_predict`: task by task, every crop encoded), "exact"
+(predict) and "fast" (predict with `inference.fast`), run interleaved `--repeat` times after the
+text features are cached. Prints the median seconds of each stage (`StageTimer`: forward hooks
+and wrappers around inference.py's building blocks; predict carries no timing code), the text
+features' cold time, the crops CLIP encoded, peak memory, images per second, the speed-up over
+"previous", and whether each mode's outputs equal the previous path's. docs/speed.md has the
+numbers and what the modes do.
 """
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -213,6 +224,227 @@ def bench_prompts(device: str, threads: int, repeat: int) -> None:
     print(f"max |difference| of the L2-normalised features: {diff:.1e}")
 
 
+# --- infer -------------------------------------------------------------------------------------
+
+INFER_MODES = ("previous", "exact", "fast")
+
+
+@torch.no_grad()
+def straightforward_predict(model, image: torch.Tensor, class_names: list[str], unseen: torch.Tensor,
+                            is_thing: torch.Tensor, cfg, text_cache: dict | None = None, hooks=None) -> dict:
+    """`inference.predict` without shared crops: task by task, every non-empty mask cropped and
+    encoded by CLIP on its own. The reference that exact mode must equal (tests) and the
+    previous path the `infer` benchmark compares with. Same building blocks as `predict`;
+    `hooks`: its extension points (default FreeSeg's inference)."""
+    from freeseg.modeling import inference
+
+    hooks = hooks or inference.PAPER
+
+    model.eval()
+    image = image.to(model.pixel_mean.device).float()
+    features = model.extract(image[None])
+    regions = inference.region_classifier(model, cfg, share_iou=None, hooks=hooks)
+    out = {}
+    for task in cfg.tasks:
+        decoded = inference.decode_task(model, image, features, task, class_names, unseen, cfg, text_cache, hooks)
+        masks, p_clip = None, None
+        if cfg.use_clip:
+            masks = inference.proposals(decoded["masks"], decoded["probs"], hooks)
+            p_clip = regions(image, masks, decoded["clip_text"])
+        out[task] = inference.finish_task(task, decoded, masks, p_clip, unseen, is_thing, cfg, None)
+    return out
+
+
+class StageTimer:
+    """Seconds per stage of one inference call, measured from outside the code it times: forward
+    hooks on the model's parts and wrappers around inference.py's building blocks. Nested stages
+    count once: a stage's time excludes the stages inside it (the cold text features inside
+    `decode_task`). On a GPU each stage boundary waits for the queued kernels.
+
+    Stages: "backbone", "pixel decoder", "text" (the prompt learner: runs only when the text cache
+    misses), "interaction + decoder/<task>" (`decode_task`: the decoder and the mask upsampling),
+    "crops" (`crop_masked_regions`), "region CLIP" (CLIP's image tower), "post-processing/<task>"
+    (`finish_task`: the ensemble and the task's rules). `crops_encoded` counts CLIP's images.
+    """
+
+    def __init__(self, model, device: str):
+        self.model, self.cuda = model, device.startswith("cuda")
+        self.times: dict[str, float] = {}
+        self.crops_encoded = 0
+        self._stack: list[list] = []  # [name, start, seconds of nested stages]
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def enter(self, name: str) -> None:
+        self._stack.append([name, self._now(), 0.0])
+
+    def leave(self) -> None:
+        name, start, inner = self._stack.pop()
+        seconds = self._now() - start
+        self.times[name] = self.times.get(name, 0.0) + seconds - inner
+        if self._stack:
+            self._stack[-1][2] += seconds
+
+    @contextlib.contextmanager
+    def attached(self):
+        from freeseg.modeling import inference, region_classifier
+
+        model = self.model
+        modules = {"backbone": model.backbone, "pixel decoder": model.pixel_decoder, "text": model.prompt_learner,
+                   "region CLIP": model.clip_model.visual}
+        handles = []
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: self.enter(name)))
+            handles.append(module.register_forward_hook(lambda m, args, out: self.leave()))
+        handles.append(model.clip_model.visual.register_forward_pre_hook(
+            lambda m, args: setattr(self, "crops_encoded", self.crops_encoded + args[0].shape[0])))
+
+        def timed(fn: Callable, stage: Callable[..., str]) -> Callable:
+            def wrapper(*args, **kwargs):
+                self.enter(stage(*args))
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.leave()
+            return wrapper
+
+        patches = [(inference, "decode_task", lambda model, image, features, task, *a: f"interaction + decoder/{task}"),
+                   (inference, "finish_task", lambda task, *a: f"post-processing/{task}"),
+                   (region_classifier, "crop_masked_regions", lambda *a: "crops")]
+        originals = [(module, name, getattr(module, name)) for module, name, _ in patches]
+        try:
+            for (module, name, stage), (_, _, fn) in zip(patches, originals):
+                setattr(module, name, timed(fn, stage))
+            yield self
+        finally:
+            for module, name, fn in originals:
+                setattr(module, name, fn)
+            for handle in handles:
+                handle.remove()
+
+
+def peak_memory_reset(device: str) -> None:
+    """Start a new peak: the GPU's allocator statistics, or the process's peak resident set
+    (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_gib(device: str) -> float:
+    """GiB: the GPU's peak allocated memory, or the process's peak resident set (VmHWM) on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+def same_results(a: dict, b: dict) -> str:
+    """How two predict outputs differ: the largest semantic score difference, whether the
+    instance and panoptic results are equal."""
+    parts = []
+    if "semantic" in a:
+        parts.append(f"semantic max |diff| {(a['semantic'] - b['semantic']).abs().max().item():.1e}")
+    if "instance" in a:
+        ia, ib = a["instance"], b["instance"]
+        equal = ia["masks"].shape == ib["masks"].shape and torch.equal(ia["masks"], ib["masks"]) \
+            and torch.equal(ia["labels"], ib["labels"])
+        parts.append(f"instance {'equal' if equal else 'DIFFERENT'}")
+    if "panoptic" in a:
+        equal = torch.equal(a["panoptic"][0], b["panoptic"][0]) and \
+            [(s["id"], s["category_id"]) for s in a["panoptic"][1]] == [(s["id"], s["category_id"]) for s in b["panoptic"][1]]
+        parts.append(f"panoptic {'equal' if equal else 'DIFFERENT'}")
+    return ", ".join(parts)
+
+
+def bench_infer(device: str, threads: int, repeat: int, protocol: str, modes: list[str],
+                height: int = 480, width: int = 640, num_classes: int = 133) -> None:
+    """See the module docstring."""
+    import copy
+
+    from freeseg.modeling import inference
+
+    torch.set_num_threads(threads)
+    cfg, model = inference.full_size_model(0, device)
+    model.eval()
+    icfg = copy.deepcopy(cfg.inference)
+    icfg.protocol = protocol
+    configs = {"previous": icfg, "exact": icfg, "fast": copy.deepcopy(icfg)}
+    configs["fast"].fast = True
+    names = [f"class {i}" for i in range(num_classes)]
+    unseen = torch.arange(num_classes) % 9 == 0
+    is_thing = torch.arange(num_classes) < 80
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"{threads} CPU thread(s)"
+    print(f"predict, COCO preset (R101c, ViT-B/16-shaped CLIP, random weights), {num_classes} classes, "
+          f"{height}x{width} image, tasks {', '.join(icfg.tasks)}, protocol {protocol}, {where}; "
+          f"median of {repeat}, text features cached", flush=True)
+
+    def call(mode: str, cache: dict) -> tuple[dict, StageTimer, float]:
+        fn = straightforward_predict if mode == "previous" else inference.predict
+        timer = StageTimer(model, device)
+        with timer.attached():
+            start = timer._now()
+            out = fn(model, image, names, unseen, is_thing, cfg=configs[mode], text_cache=cache)
+            total = timer._now() - start
+        return out, timer, total
+
+    cache: dict = {}
+    cold = StageTimer(model, device)
+    with cold.attached():  # the text features of every task, into the cache the timed calls share
+        for task in icfg.tasks:
+            inference.region_text(model, names, task, text_cache=cache)
+    runs: dict[str, list] = {mode: [] for mode in modes}
+    outputs, memory = {}, {}
+    for _ in range(repeat):  # modes interleaved, so that a busy machine slows each alike
+        for mode in modes:
+            peak_memory_reset(device)
+            outputs[mode], timer, total = call(mode, cache)
+            memory[mode] = peak_memory_gib(device)
+            runs[mode].append((timer, total))
+            print(f"  {mode}: {total:.2f} s, {timer.crops_encoded} crops", flush=True)
+    print_infer_table(modes, runs, cold, memory, icfg.tasks)
+    if "previous" in outputs:
+        for mode in modes:
+            if mode != "previous":
+                print(f"{mode} vs previous: {same_results(outputs[mode], outputs['previous'])}")
+
+
+def print_infer_table(modes: list[str], runs: dict, cold: StageTimer, memory: dict, tasks) -> None:
+    stages = (["backbone", "pixel decoder", "text"] + [f"interaction + decoder/{t}" for t in tasks]
+              + ["crops", "region CLIP"] + [f"post-processing/{t}" for t in tasks])
+    header = f"{'stage (median s)':<38}" + "".join(f"{m:>11}" for m in modes)
+    print(header)
+    print("-" * len(header))
+    print(f"{'text, cold (all tasks, once)':<38}{cold.times.get('text', 0.0):>11.3f}")
+    for stage in stages:
+        label = "text, cached" if stage == "text" else stage
+        print(f"{label:<38}" + "".join(f"{statistics.median(t.times.get(stage, 0.0) for t, _ in runs[m]):>11.3f}"
+                                         for m in modes))
+    totals = {m: statistics.median(total for _, total in runs[m]) for m in modes}
+    other = {m: statistics.median(total - sum(t.times.values()) for t, total in runs[m]) for m in modes}
+    rows = [("other (ensemble, mask hashing, ...)", {m: f"{other[m]:.3f}" for m in modes}),
+            ("total", {m: f"{totals[m]:.3f}" for m in modes}),
+            ("crops encoded", {m: str(int(statistics.median(t.crops_encoded for t, _ in runs[m]))) for m in modes}),
+            ("peak memory GiB", {m: f"{memory[m]:.2f}" for m in modes}),
+            ("images / s", {m: f"{1 / totals[m]:.4f}" for m in modes})]
+    if "previous" in modes:
+        rows.append(("speed-up vs previous", {m: f"{totals['previous'] / totals[m]:.2f}x" for m in modes}))
+    for label, values in rows:
+        print(f"{label:<38}" + "".join(f"{values[m]:>11}" for m in modes))
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Options checked before any work, each error naming the option."""
     for flag in ("threads", "repeat", "batch"):
@@ -240,12 +472,22 @@ def main(argv: list[str] | None = None) -> None:
     prompts.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     prompts.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     prompts.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
-    for sub_parser in (msda, step, prompts):
+    infer = sub.add_parser("infer", help="predict on one image with the full-size model: time per stage")
+    infer.add_argument("--device", default="cpu", help="cpu or cuda")
+    infer.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    infer.add_argument("--repeat", type=int, default=1, help="timed calls per mode (median)")
+    infer.add_argument("--protocol", default="mask2former", choices=["mask2former", "official"],
+                       help="inference rules (docs/differences.md)")
+    infer.add_argument("--modes", nargs="+", default=list(INFER_MODES), choices=INFER_MODES,
+                       help="previous: task by task, every crop encoded; exact: predict; fast: predict, inference.fast")
+    for sub_parser in (msda, step, prompts, infer):
         sub_parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     check_args(args)
     if args.bench == "msda":
         bench_msda(args.threads, args.repeat)
+    elif args.bench == "infer":
+        bench_infer(args.device, args.threads, args.repeat, args.protocol, list(dict.fromkeys(args.modes)))
     elif args.bench == "prompts":
         bench_prompts(args.device, args.threads, args.repeat)
     else:

@@ -208,6 +208,18 @@ class InferenceConfig:
     # nearly every query (docs/toy_experiments.md, "Panoptic confidence").
     panoptic_keep_by: str = "object"
     instance_topk: int = 100
+    # Fast mode (`--fast` on evaluate.py and demo.py; docs/speed.md): an approximation that
+    # skips region CLIP where it can hardly change the result. A query CLIP does not see is
+    # named by the mask classifier alone. CLIP sees, per task, only the queries whose object
+    # probability 1 - p(no object) reaches `fast_min_object` (panoptic under "mask2former": also
+    # exceeds `object_mask_threshold`, which drops the others anyway), and for semantic only the
+    # `fast_semantic_queries` most object-like; one crop serves masks, of any task, whose binary
+    # masks overlap with IoU >= `fast_share_iou`. Off: every non-empty mask is encoded, and
+    # only identical binary masks share a crop (exact, the default).
+    fast: bool = False
+    fast_min_object: float = 0.1
+    fast_semantic_queries: int = 20
+    fast_share_iou: float = 0.9
     ttpt: TTPTConfig = field(default_factory=TTPTConfig)
 
 
@@ -517,6 +529,9 @@ RULES: dict[str, tuple[typing.Callable, str]] = {
     "inference.overlap_threshold": FRACTION,
     "inference.panoptic_keep_by": _choice("class", "object"),
     "inference.instance_topk": AT_LEAST_1,
+    "inference.fast_min_object": FRACTION,
+    "inference.fast_semantic_queries": AT_LEAST_1,
+    "inference.fast_share_iou": FRACTION,
     "inference.ttpt.steps": NON_NEGATIVE,
     "inference.ttpt.lr": POSITIVE,
     "inference.ttpt.entropy_threshold": FRACTION,

@@ -100,7 +100,7 @@ def save_segments_json(path: Path, task_segments: dict[str, list[dict]], class_n
     atomic_write_json(payload, str(path))
 
 
-def demo_toy(checkpoint: str | Path, out: str | Path, seed: int = 7) -> Path:
+def demo_toy(checkpoint: str | Path, out: str | Path, seed: int = 7, fast: bool = False) -> Path:
     """Segment one fresh toy scene with every task and save the panels side by side."""
     from freeseg.data import toy_world
     from freeseg.data.categories import get_categories
@@ -110,6 +110,7 @@ def demo_toy(checkpoint: str | Path, out: str | Path, seed: int = 7) -> Path:
     from freeseg.modeling.inference import predict
 
     model, cfg, _ = load_model(checkpoint)
+    cfg.inference.fast = cfg.inference.fast or fast  # --fast: docs/speed.md
     cats = get_categories("toy")
     names = [c["name"] for c in cats]
     unseen = torch.tensor([not c["seen"] for c in cats])

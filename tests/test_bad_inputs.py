@@ -247,8 +247,8 @@ CASES = [
     ("eval-set-weight", E, ALL + ["--set", "inference.clip_weight_seen=2"], 2,
      "inference.clip_weight_seen=2.0: must be a finite number >= 0 and <= 1"),
     ("eval-set-training-key", E, ALL + ["--set", "train.lr=1"], 2,
-     "evaluation override 'train.lr=1': only inference.*, data.test_short_side and the inference extensions "
-     "(extensions.clip_*, unclaimed_min_area) can change after training"),
+     "evaluation override 'train.lr=1': only inference.*, data.test_short_side, data.num_workers and the inference "
+     "extensions (extensions.clip_*, unclaimed_min_area) can change after training"),
     ("eval-split-missing", E, ALL + ["--split", "nope"], 2, "missing prepared nope split"),
     ("eval-gt-wrong-size", E, ALL + ["--data-root", "data_bad", "--tasks", "semantic"], 2,
      "semantic map is 12x10 (WxH) but its image"),
@@ -293,6 +293,9 @@ CASES = [
     # --- benchmarks
     ("bench-repeat-zero", B, ["msda", "--repeat", "0"], 2, "--repeat 0: must be at least 1"),
     ("bench-device", B, ["step", "--device", "tpu"], 2, "--device tpu: must be cpu or cuda"),
+    ("bench-infer-repeat-zero", B, ["infer", "--repeat", "0"], 2, "--repeat 0: must be at least 1"),
+    ("bench-infer-threads-zero", B, ["infer", "--threads", "0"], 2, "--threads 0: must be at least 1"),
+    ("bench-infer-device", B, ["infer", "--device", "tpu"], 2, "--device tpu: must be cpu or cuda"),
 ]
 
 

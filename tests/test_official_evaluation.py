@@ -2,6 +2,7 @@
 instances JSON, the three tasks end to end on a few toy images with a tiny random model."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,3 +62,36 @@ def test_official_protocol_scores_the_three_tasks_against_the_instances_json(toy
             evaluate_model(model, official, toy_data, "val", tasks, {"run": official.inference})
     finally:
         (toy_data / "moved.json").rename(toy_data / "instances_val.json")
+
+
+@pytest.mark.parametrize("protocol", ["mask2former", "official"])
+def test_loader_workers_give_the_same_scores(toy_data, protocol, capsys):
+    """Images read ahead by DataLoader workers are the images read in the loop, in order."""
+    model, cfg = tiny_toy_model()
+    cfg.inference.protocol = protocol
+    tasks = ("semantic", "instance", "panoptic")
+    results = {}
+    for workers in (0, 2):
+        cfg.data.num_workers = workers
+        results[workers] = evaluate_model(model, cfg, toy_data, "val", tasks, {"run": cfg.inference})["run"]
+        assert "3 images in" in capsys.readouterr().out
+    assert repr(results[0]) == repr(results[2])  # repr: NaN (no unseen instance) equals itself
+
+
+def test_unreadable_image_read_by_a_worker_is_a_one_line_error(toy_data, tmp_path):
+    import shutil
+
+    from freeseg.data.datasets import SegmentationDataset
+    from freeseg.data.io import DataError
+
+    data = tmp_path / "freeseg" / "toy"
+    shutil.copytree(toy_data.parent.parent, tmp_path, dirs_exist_ok=True)
+    dataset = SegmentationDataset(data, "val", base=False)
+    broken = Path(dataset.root) / dataset.records[1]["file_name"]
+    broken.write_bytes(b"not an image")
+    model, cfg = tiny_toy_model()
+    cfg.inference.protocol = "official"
+    cfg.data.num_workers = 2
+    with pytest.raises(DataError) as err:
+        evaluate_model(model, cfg, data, "val", ("semantic",), {"run": cfg.inference})
+    assert str(err.value).startswith(f"{broken}: cannot decode image") and "\n" not in str(err.value)

@@ -128,10 +128,8 @@ def test_region_text_task_ensemble_with_and_without_ttpt(monkeypatch):
         torch.testing.assert_close(inference.region_text(model, NAMES, "instance"), texts[1])
     # predict hands CLIP the ensemble; under TTPT, the ensemble of the tuned prompt.
     seen_text = []
-    real = inference.classify_with_clip
-    monkeypatch.setattr(inference, "classify_with_clip",
-                        lambda model, image, masks, probs, text, *a: seen_text.append(text) or
-                        real(model, image, masks, probs, text, *a))
+    real = inference.decode_task
+    monkeypatch.setattr(inference, "decode_task", lambda *a: seen_text.append(real(*a)["clip_text"]) or real(*a))
     predict(model, images[1], NAMES, UNSEEN, IS_THING, cfg=cfg, hooks=hooks)
     torch.testing.assert_close(seen_text[-1], mean)
     tuned_cfg = InferenceConfig(tasks=("semantic",),

@@ -86,6 +86,39 @@ def official_test_image(path: Path, short_side: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
 
 
+def _as_is(item):
+    """The DataLoader's collate function: items pass unchanged (one image at a time)."""
+    return item
+
+
+class EvaluationImages(torch.utils.data.Dataset):
+    """The validation images as the model is fed them, for a DataLoader whose workers read
+    ahead: item i -> (i, the dataset's sample i, the test image (3, H, W) uint8, the panoptic
+    ground truth or None). `official_short_side`: read the image as the official test loader
+    does (`official_test_image`), else resize the sample's image with `resize`."""
+
+    def __init__(self, dataset, data_root: Path, resize, official_short_side: int | None):
+        self.dataset, self.data_root, self.resize = dataset, data_root, resize
+        self.official_short_side = official_short_side
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple:
+        try:
+            sample, record = self.dataset[i], self.dataset.records[i]
+            if self.official_short_side is not None:
+                image = official_test_image(Path(self.dataset.root) / record["file_name"], self.official_short_side)
+            else:
+                image = self.resize(sample, np.random.default_rng(0))["image"]
+            pan_gt = _panoptic_gt(self.data_root, record) if record.get("panoptic_file") else None
+        except UserError as err:
+            # Handed over, not raised: a worker's exception reaches the main process wrapped in
+            # the worker's traceback, and a bad file must stay a one-line error.
+            return i, err, None, None
+        return i, sample, image, pan_gt
+
+
 @torch.no_grad()
 def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: dict[str, InferenceConfig],
                    max_images: int | None = None) -> dict[str, dict]:
@@ -120,15 +153,18 @@ def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: 
             ev["instance"].load_ground_truth(prep / f"instances_{split}.json")
     hooks = inference_hooks(cfg.extensions)  # the toy world's additions, none for FreeSeg
     text_cache = {name: {} for name in variants}  # prompt features per (vocabulary, task), reused across images
+    indices = list(range(dist.get_rank(), count, dist.get_world_size()))
+    # Workers read and resize the next images while this process runs the model.
+    loader = torch.utils.data.DataLoader(
+        EvaluationImages(dataset, prep.parent.parent, resize, cfg.data.test_short_side if official else None),
+        sampler=indices, batch_size=None, num_workers=min(cfg.data.num_workers, len(indices)),
+        collate_fn=_as_is)
     start = time.perf_counter()
-    for i in range(dist.get_rank(), count, dist.get_world_size()):
-        sample, record = dataset[i], records[i]
+    for done, (i, sample, image, pan_gt) in enumerate(loader, 1):
+        if isinstance(sample, UserError):
+            raise sample
+        record = records[i]
         h, w = sample["sem_seg"].shape
-        if official:
-            image = official_test_image(Path(dataset.root) / record["file_name"], cfg.data.test_short_side)
-        else:
-            image = resize(sample, np.random.default_rng(0))["image"]
-        pan_gt = _panoptic_gt(prep.parent.parent, record) if record.get("panoptic_file") else None
         for name, icfg in variants.items():
             ev = evaluators[name]
             out = predict(model, image, names, unseen, is_thing, tasks, icfg, out_size=(h, w),
@@ -150,8 +186,13 @@ def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: 
                                                 torch.tensor([bool(s["iscrowd"]) for s in things]))
                 ev["instance"].update(record["image_id"], out["instance"]["masks"], out["instance"]["scores"],
                                       out["instance"]["labels"])
-        if dist.is_main() and (i // dist.get_world_size() + 1) % 50 == 0:
+        if dist.is_main() and done % 50 == 0:
             print(f"  evaluated {i + 1}/{count} images ({time.perf_counter() - start:.0f} s)", flush=True)
+    seconds = time.perf_counter() - start
+    if dist.is_main() and indices:
+        print(f"  {len(indices)} images in {seconds:.1f} s: {len(indices) / seconds:.2f} images / s"
+              f"{' on this rank' if dist.get_world_size() > 1 else ''} ({len(variants)} inference setting(s), "
+              f"{loader.num_workers} loader worker(s))", flush=True)
 
     results = {}
     for name in variants:
@@ -191,12 +232,12 @@ def ablation_variants(base: InferenceConfig, ablation: bool, ttpt: bool) -> dict
 def apply_inference_overrides(cfg: Config, overrides: list[str] | None) -> None:
     """Apply `--set KEY=VALUE` items to a trained model's config: only the settings that may
     change after training (inference.*, data.test_short_side, the extensions that act only at
-    inference, config.INFERENCE_EXTENSIONS)."""
-    allowed = ("inference.", "data.test_short_side", *INFERENCE_EXTENSIONS)
+    inference, config.INFERENCE_EXTENSIONS), and data.num_workers, the image loader's worker processes."""
+    allowed = ("inference.", "data.test_short_side", "data.num_workers", *INFERENCE_EXTENSIONS)
     for item in overrides or []:
         if not item.startswith(allowed):
-            raise ConfigError(f"evaluation override {item!r}: only inference.*, data.test_short_side and the "
-                              "inference extensions (extensions.clip_*, unclaimed_min_area) can change after training")
+            raise ConfigError(f"evaluation override {item!r}: only inference.*, data.test_short_side, data.num_workers "
+                              "and the inference extensions (extensions.clip_*, unclaimed_min_area) can change after training")
     apply_overrides(cfg, list(overrides or []))
     validate(cfg, prefixes=allowed)
 

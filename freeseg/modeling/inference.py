@@ -1,4 +1,4 @@
-"""Inference for one image and all requested tasks, and a CPU benchmark of it.
+"""Inference for one image and all requested tasks.
 
 Paper, section 3.3 and eq. 6; the official flow is bytedance/FreeSeg
 mask2former/open_vocabulary_model.py (`forward` in eval mode, `semantic_inference`, ...):
@@ -13,6 +13,7 @@ mask2former/open_vocabulary_model.py (`forward` in eval mode, `semantic_inferenc
                cropped to the image, sigmoid -> (Q, H, W)
         p_mask = softmax over K + 1, no-object column dropped      (Q, K)
         p_clip = CLIP on the mask crops of the input image         (Q, K)   region_classifier.py
+               (all tasks' crops in one pass; a binary mask that occurs twice is encoded once)
         p      = geometric ensemble (seen / unseen exponents)      (Q, K)
         semantic / instance / panoptic post-processing             (postprocess.py, or
                                                                     postprocess_official.py)
@@ -30,6 +31,10 @@ Deliberate differences from the official code (both protocols):
   - one loop over tasks instead of three copied blocks; the image is encoded once, not three
     times, and text features are computed once per (class list, task) and may be cached across
     images (`text_cache`), where the official code re-runs CLIP's text tower for every call;
+  - all tasks' crops go through CLIP together and a binary mask that occurs twice is encoded
+    once: the same outputs, less work (docs/speed.md);
+  - fast mode (`InferenceConfig.fast`, off by default), an approximation of our own: CLIP only
+    for the proposals that can matter (`fast_queries`), crops shared by masks that nearly agree.
   - under "mask2former", panoptic post-processing follows Mask2Former's rule, which needs a "no
     object" probability per query: we append the mask classifier's own no-object probability to
     the ensembled class probabilities. The official FreeSeg code drops that column and instead
@@ -40,7 +45,6 @@ text CLIP names the regions against. freeseg/extensions.py fills them for the to
 Axis legend: Q queries, K classes, E embedding dim, H W spatial, R CLIP's input size.
 """
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,17 +80,6 @@ class Hooks:
 
 
 PAPER = Hooks()
-
-
-def record_time(timings: dict | None, key: str, start: float) -> float:
-    """Add the seconds since `start` to timings[key] (when timing is asked for); -> now.
-    On a GPU the queued kernels are waited for first, so each stage gets its own time."""
-    if timings is not None and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    now = time.perf_counter()
-    if timings is not None:
-        timings[key] = timings.get(key, 0.0) + now - start
-    return now
 
 
 def _task_text(model: FreeSeg, class_names: list[str], task: str, text_cache: dict | None) -> torch.Tensor:
@@ -127,43 +120,113 @@ def mask_probabilities(model: FreeSeg, mask_logits: torch.Tensor, size: tuple[in
     return image_mask_logits(model, mask_logits, size, align_corners).sigmoid()
 
 
+def region_classifier(model: FreeSeg, cfg: InferenceConfig, share_iou: float | None = 1.0,
+                      hooks: Hooks = PAPER) -> RegionClassifier:
+    """The region classifier of `cfg`: the official protocol scales the cosines by 100 and gives
+    an empty mask a row of ones; "mask2former" uses CLIP's own learned scale and a uniform row
+    (region_classifier.py). `share_iou`: which masks share a crop (`shared_masks`); `hooks`: what
+    is cropped and how crops are encoded."""
+    official = cfg.protocol == "official"
+    return RegionClassifier(model.clip_model, cfg.mask_threshold, cfg.mask_expand_ratio, cfg.clip_chunk,
+                            temperature=OFFICIAL_TEMPERATURE if official else None,
+                            empty_fill=1.0 if official else None, prepare_masks=hooks.prepare_masks,
+                            encode=hooks.encode_crops, share_iou=share_iou).to(model.pixel_mean.device)
+
+
 def clip_probabilities(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor, text: torch.Tensor,
                        cfg: InferenceConfig, hooks: Hooks = PAPER) -> torch.Tensor:
-    """CLIP's class probabilities (Q, K) of the crops of `masks` (Q, H, W) out of `image` (3, H, W).
-    The official protocol scales the cosines by 100 and gives an empty mask a row of ones;
-    "mask2former" uses CLIP's own learned scale and a uniform row (region_classifier.py)."""
-    official = cfg.protocol == "official"
-    regions = RegionClassifier(model.clip_model, cfg.mask_threshold, cfg.mask_expand_ratio, cfg.clip_chunk,
-                               temperature=OFFICIAL_TEMPERATURE if official else None,
-                               empty_fill=1.0 if official else None,
-                               prepare_masks=hooks.prepare_masks, encode=hooks.encode_crops)
-    return regions.to(image.device)(image, masks, text)
+    """CLIP's class probabilities (Q, K) of the crops of `masks` (Q, H, W) out of `image` (3, H, W)."""
+    return region_classifier(model, cfg, hooks=hooks)(image, masks, text)
+
+
+def proposals(masks: torch.Tensor, probs: torch.Tensor, hooks: Hooks = PAPER) -> torch.Tensor:
+    """What CLIP classifies: the Q query masks (Q, H, W), then `hooks.extra_proposals` (FreeSeg:
+    none) -> (Q + n, H, W). probs (Q, K + 1)."""
+    if hooks.extra_proposals is None:
+        return masks
+    return torch.cat([masks, hooks.extra_proposals(masks, 1 - probs[:, -1])])
+
+
+def ensemble_with_clip(probs: torch.Tensor, p_clip: torch.Tensor, unseen: torch.Tensor,
+                       cfg: InferenceConfig) -> torch.Tensor:
+    """probs (Q, K + 1) of the mask classifier, p_clip (Q + n, K) -> p_ens (Q + n, K): the
+    geometric ensemble of the Q queries (paper eq. 6), not renormalised; an extra proposal
+    has no query, so CLIP alone names it."""
+    Q = len(probs)
+    ensemble = official_ensemble if cfg.protocol == "official" else geometric_ensemble
+    p_ens = ensemble(probs[:, :-1], p_clip[:Q], unseen, cfg.clip_weight_seen, cfg.clip_weight_unseen)
+    return torch.cat([p_ens, p_clip[Q:]])
 
 
 def classify_with_clip(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor,
                        text: torch.Tensor, unseen: torch.Tensor, cfg: InferenceConfig, hooks: Hooks = PAPER) -> tuple:
-    """The CLIP half of inference: masks (Q, H, W) probabilities and the mask classifier's
-    probs (Q, K + 1) -> (masks (Q + n, H, W), p_clip (Q + n, K), p_ens (Q + n, K)), where the n
-    extra rows are `hooks.extra_proposals` (FreeSeg: none, n = 0). `text` (K, E): what CLIP
-    names the regions against (`region_text`).
-
-    p_ens of the Q queries is the geometric ensemble of the mask classifier and CLIP (paper
-    eq. 6), not renormalised; an extra proposal has no query, so CLIP alone names it.
-    """
-    Q = len(masks)
-    if hooks.extra_proposals is not None:
-        masks = torch.cat([masks, hooks.extra_proposals(masks, 1 - probs[:, -1])])
+    """The CLIP half of inference for one task: masks (Q, H, W) probabilities and the mask
+    classifier's probs (Q, K + 1) -> (masks (Q + n, H, W), p_clip (Q + n, K), p_ens (Q + n, K))
+    (`proposals`, `ensemble_with_clip`). `text` (K, E): what CLIP names the regions against
+    (`region_text`). `predict` does the same for all tasks at once (`region_probabilities`)."""
+    masks = proposals(masks, probs, hooks)
     p_clip = clip_probabilities(model, image, masks, text, cfg, hooks)  # crops of the input image, (Q + n, K)
-    ensemble = official_ensemble if cfg.protocol == "official" else geometric_ensemble
-    p_ens = ensemble(probs[:, :-1], p_clip[:Q], unseen, cfg.clip_weight_seen, cfg.clip_weight_unseen)
-    return masks, p_clip, torch.cat([p_ens, p_clip[Q:]])
+    return masks, p_clip, ensemble_with_clip(probs, p_clip, unseen, cfg)
+
+
+def fast_queries(task: str, probs: torch.Tensor, rows: int, cfg: InferenceConfig) -> torch.Tensor:
+    """Fast mode: which of the `rows` proposals (Q queries, then extra proposals) CLIP sees.
+    probs (Q, K + 1) -> (rows,) bool. A query is seen when its object probability 1 - p(no
+    object) reaches `cfg.fast_min_object`; for semantic, only the `cfg.fast_semantic_queries`
+    most object-like of those; for panoptic under "mask2former", only those whose object
+    probability exceeds `object_mask_threshold` (the ensemble is rescaled to that probability,
+    so no other query can pass the panoptic keep test, whichever `panoptic_keep_by`). An
+    extra proposal has no mask classifier to fall back on: always seen."""
+    objectness = 1 - probs[:, -1]  # (Q,)
+    wanted = objectness >= cfg.fast_min_object
+    if task == "semantic":
+        top = objectness.topk(min(cfg.fast_semantic_queries, len(objectness))).indices
+        wanted &= torch.zeros_like(wanted).index_fill_(0, top, True)
+    elif task == "panoptic" and cfg.protocol == "mask2former":
+        wanted &= objectness > cfg.object_mask_threshold
+    return torch.cat([wanted, wanted.new_ones(rows - len(wanted))])
+
+
+def region_probabilities(model: FreeSeg, image: torch.Tensor, decoded: dict[str, dict],
+                         cfg: InferenceConfig, hooks: Hooks = PAPER) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The CLIP half of inference for every task at once: decoded {task: `decode_task` output}
+    -> {task: (masks (Q + n, H, W), p_clip (Q + n, K))}.
+
+    The proposals of all tasks are stacked and go through CLIP together, in batches of
+    `cfg.clip_chunk`; a binary mask that occurs more than once (the three tasks' decoders
+    often agree) is cropped and encoded once, and each task names the features against its
+    own text. So p_clip is what `classify_with_clip` gives task by task. In fast mode
+    (`cfg.fast`) CLIP sees only the proposals of `fast_queries`, masks that nearly agree share a
+    crop, and a query CLIP does not see gets the mask classifier's class distribution as its
+    CLIP row: the ensemble then names it as the mask classifier does.
+    """
+    regions = region_classifier(model, cfg, cfg.fast_share_iou if cfg.fast else 1.0, hooks)
+    masks = {task: proposals(d["masks"], d["probs"], hooks) for task, d in decoded.items()}
+    wanted = {task: fast_queries(task, decoded[task]["probs"], len(m), cfg) if cfg.fast
+              else torch.ones(len(m), dtype=torch.bool, device=m.device) for task, m in masks.items()}
+    binary = torch.cat([(m > cfg.mask_threshold)[wanted[task]] for task, m in masks.items()])  # (sum of rows, H, W)
+    features, valid = regions.encode_regions(image, binary)
+    out, start = {}, 0
+    for task, m in masks.items():
+        rows = wanted[task]
+        n = int(rows.sum())
+        task_features = features.new_zeros(len(m), features.shape[1])
+        task_valid = torch.zeros(len(m), dtype=torch.bool, device=m.device)
+        task_features[rows], task_valid[rows] = features[start:start + n], valid[start:start + n]
+        start += n
+        p_clip = regions.classify(task_features, task_valid, decoded[task]["clip_text"])  # (Q + n, K)
+        if cfg.fast:
+            probs = decoded[task]["probs"][:, :-1]
+            mask_classifier = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)  # (Q, K)
+            p_clip[:len(probs)] = torch.where(rows[:len(probs), None], p_clip[:len(probs)], mask_classifier)
+        out[task] = (m, p_clip)
+    return out
 
 
 @torch.no_grad()
 def predict(model: FreeSeg, image: torch.Tensor, class_names: list[str], unseen: torch.Tensor,
             is_thing: torch.Tensor, tasks: tuple[str, ...] | None = None, cfg: InferenceConfig | None = None,
-            out_size: tuple[int, int] | None = None, text_cache: dict | None = None,
-            timings: dict | None = None, hooks: Hooks = PAPER) -> dict:
+            out_size: tuple[int, int] | None = None, text_cache: dict | None = None, hooks: Hooks = PAPER) -> dict:
     """One image (3, H, W) uint8 or float 0-255 -> results per task:
         "semantic": (K, H_out, W_out) class scores (argmax = label map),
         "instance": {"masks": (n, H_out, W_out) bool, "scores": (n,), "labels": (n,)},
@@ -173,9 +236,11 @@ def predict(model: FreeSeg, image: torch.Tensor, class_names: list[str], unseen:
     the masks to it first, "official" resizes its results (see `official_results`: the panoptic
     ids it returns are the official uint8 ids, segments_info without scores);
     text_cache: a dict kept by the caller across images (drop it if the prompts change);
-    hooks: the extension points (`Hooks`; default FreeSeg's inference);
-    timings: a dict that receives seconds per stage: "extract" (backbone and pixel decoder, once), and per
-    task {"text", "ttpt", "interaction_decoder", "region_clip", "postprocess"}.
+    hooks: the extension points (`Hooks`; default FreeSeg's inference).
+
+    The image is encoded once; each task is decoded (`decode_task`); the proposals of all tasks
+    go through CLIP together (`region_probabilities`); each task is post-processed
+    (`finish_task`). freeseg/bench.py times these stages (`python -m freeseg.bench infer`).
     """
     cfg = cfg or InferenceConfig()
     if cfg.protocol not in PROTOCOLS:
@@ -191,46 +256,53 @@ def predict(model: FreeSeg, image: torch.Tensor, class_names: list[str], unseen:
     model.eval()  # no dropout; the caller's mode is restored below
     try:
         image = image.to(model.pixel_mean.device).float()
-        start = time.perf_counter()
         features = model.extract(image[None])
-        record_time(timings, "extract", start)
-        return {task: _predict_task(model, image, features, task, class_names, unseen, is_thing, cfg, out_size,
-                                    text_cache, timings, hooks)
+        decoded = {task: decode_task(model, image, features, task, class_names, unseen, cfg, text_cache, hooks)
+                   for task in tasks}
+        clip = region_probabilities(model, image, decoded, cfg, hooks) if cfg.use_clip else {}
+        return {task: finish_task(task, decoded[task], *clip.get(task, (None, None)), unseen, is_thing, cfg,
+                                  out_size)
                 for task in tasks}
     finally:
         model.train(was_training)
 
 
-def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str, class_names: list[str],
-                  unseen: torch.Tensor, is_thing: torch.Tensor, cfg: InferenceConfig,
-                  out_size: tuple[int, int] | None, text_cache: dict | None, timings: dict | None,
-                  hooks: Hooks):
-    """One task of `predict` on the shared image features."""
-    K, (H, W) = len(class_names), image.shape[-2:]
-    task_times = {} if timings is not None else None
-    start = time.perf_counter()
+def decode_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str, class_names: list[str],
+                unseen: torch.Tensor, cfg: InferenceConfig, text_cache: dict | None, hooks: Hooks = PAPER) -> dict:
+    """One task's network pass on the shared image features -> {"logits": mask logits (Q, H, W)
+    at the image size (the official rules threshold them; None under "mask2former", which needs
+    only their sigmoid: `predict` holds every task's masks at once), "masks": their sigmoid,
+    "probs": the mask classifier's softmax (Q, K + 1), "clip_text": what CLIP names this task's
+    regions against (K, E), or None without CLIP}."""
+    H, W = image.shape[-2:]
     text = _task_text(model, class_names, task, text_cache)
-    start = record_time(task_times, "text", start)
     clip_text = None  # what CLIP names the regions against, from the same prompt as `text`
     if cfg.ttpt.enabled and int(unseen.sum()) >= 2:
         with tuned_prompt(model, features, class_names, task, unseen, cfg.ttpt):  # this image's prompt
             text = model.text_features(class_names, task)
             if cfg.use_clip:
                 clip_text = region_text(model, class_names, task, hooks, text=text)  # every task's prompt tuned
-        start = record_time(task_times, "ttpt", start)
     out = model.decode(features, text)
-    start = record_time(task_times, "interaction_decoder", start)
+    if cfg.use_clip and clip_text is None:
+        clip_text = region_text(model, class_names, task, hooks, text_cache, text)
     logits = image_mask_logits(model, out["pred_masks"][0], (H, W), cfg.mask_align_corners)  # (Q, H, W)
-    masks = logits.sigmoid()
-    probs = out["pred_logits"][0].softmax(dim=-1)  # (Q, K + 1)
+    return {"logits": logits if cfg.protocol == "official" else None, "masks": logits.sigmoid(),
+            "probs": out["pred_logits"][0].softmax(dim=-1), "clip_text": clip_text}
+
+
+def finish_task(task: str, decoded: dict, masks: torch.Tensor | None, p_clip: torch.Tensor | None,
+                unseen: torch.Tensor, is_thing: torch.Tensor, cfg: InferenceConfig,
+                out_size: tuple[int, int] | None):
+    """One task's ensemble and post-processing: `decode_task` output, the proposals masks
+    (Q + n, H, W) and their p_clip (Q + n, K) (both None without CLIP) -> the task's result."""
+    logits, probs = decoded["logits"], decoded["probs"]
+    (Q, H, W), K = decoded["masks"].shape, probs.shape[1] - 1
     p_mask, p_void = probs[:, :K], probs[:, K:]
-    start = record_time(task_times, "postprocess", start)
     official = cfg.protocol == "official"
-    if cfg.use_clip:
-        if clip_text is None:
-            clip_text = region_text(model, class_names, task, hooks, text_cache, text)
-        Q = len(masks)
-        masks, _, p_ens = classify_with_clip(model, image, masks, probs, clip_text, unseen, cfg, hooks)  # Q + n rows
+    if p_clip is None:
+        masks = decoded["masks"]
+    else:
+        p_ens = ensemble_with_clip(probs, p_clip, unseen, cfg)  # Q + n rows
         if official:
             p_mask = p_ens  # the raw ensemble, as the official post-processing takes it
             # Extra proposals (rows Q onwards) are binary masks: as logits, -inf or +inf.
@@ -245,23 +317,16 @@ def _predict_task(model: FreeSeg, image: torch.Tensor, features: dict, task: str
             p_mask = torch.cat([p_ens[:Q] / p_ens[:Q].sum(-1, keepdim=True).clamp_min(1e-12) * (1 - p_void),
                                 p_ens[Q:]])
             p_void = torch.cat([p_void, p_void.new_zeros(len(masks) - Q, 1)])
-        start = record_time(task_times, "region_clip", start)
     if official:  # post-processing at the test size, then the official resize to out_size
-        result = official_results(task, p_mask, logits, is_thing, out_size or (H, W), cfg.overlap_threshold)
-    else:
-        if out_size is not None and tuple(out_size) != (H, W):
-            masks = F.interpolate(masks[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
-        if task == "semantic":
-            result = semantic_inference(p_mask, masks)
-        elif task == "instance":
-            result = instance_inference(p_mask, masks, is_thing, cfg.instance_topk)
-        else:
-            result = panoptic_inference(torch.cat([p_mask, p_void], dim=1), masks, is_thing,
-                                        cfg.object_mask_threshold, cfg.overlap_threshold, cfg.panoptic_keep_by)
-    record_time(task_times, "postprocess", start)
-    if timings is not None:
-        timings[task] = task_times
-    return result
+        return official_results(task, p_mask, logits, is_thing, out_size or (H, W), cfg.overlap_threshold)
+    if out_size is not None and tuple(out_size) != (H, W):
+        masks = F.interpolate(masks[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
+    if task == "semantic":
+        return semantic_inference(p_mask, masks)
+    if task == "instance":
+        return instance_inference(p_mask, masks, is_thing, cfg.instance_topk)
+    return panoptic_inference(torch.cat([p_mask, p_void], dim=1), masks, is_thing,
+                              cfg.object_mask_threshold, cfg.overlap_threshold, cfg.panoptic_keep_by)
 
 
 def full_size_model(seed: int = 0, device: str = "cpu") -> tuple:
@@ -278,52 +343,3 @@ def full_size_model(seed: int = 0, device: str = "cpu") -> tuple:
                 transformer_layers=12)
     return cfg, build_freeseg(cfg, clip, default_tokenizer()).to(device)
 
-
-def benchmark_inference(height: int = 480, width: int = 640, num_classes: int = 133, seed: int = 0,
-                        device: str = "cpu", repeat: int = 1) -> dict:
-    """Time `predict` (all three tasks, one call) on one random image with the full-size
-    configuration: R101c DeepLab backbone, ViT-B/16-shaped CLIP, `num_classes` classes, random
-    weights. On a GPU one untimed call warms up first. -> the `timings` dict of `predict` (the
-    run with the median total) plus "total" and "build" seconds."""
-    start = time.perf_counter()
-    cfg, model = full_size_model(seed, device)
-    model.eval()
-    build = time.perf_counter() - start
-    names = [f"class {i}" for i in range(num_classes)]
-    unseen = torch.arange(num_classes) % 9 == 0
-    is_thing = torch.arange(num_classes) < 80
-    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    on_gpu = device != "cpu"
-    runs = []
-    for run in range(on_gpu + repeat):  # on a GPU, run 0 is the warm-up
-        timings: dict = {}
-        start = time.perf_counter()
-        predict(model, image, names, unseen, is_thing, cfg.inference.tasks, cfg.inference, timings=timings)
-        if on_gpu:
-            torch.cuda.synchronize()
-        timings["total"] = time.perf_counter() - start
-        if run >= on_gpu:
-            runs.append(timings)
-    report = sorted(runs, key=lambda t: t["total"])[len(runs) // 2]
-    return {**report, "build": build}
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Time `predict` (3 tasks) of the full-size model on one image.")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--repeat", type=int, default=1, help="timed calls; the median is reported")
-    args = parser.parse_args(argv)
-    report = benchmark_inference(device=args.device, repeat=args.repeat)
-    threads = f"torch threads {torch.get_num_threads()}" if args.device == "cpu" else torch.cuda.get_device_name()
-    print(f"{threads}; model build {report['build']:.1f} s; predict, 3 tasks: {report['total']:.3f} s "
-          f"(median of {args.repeat})")
-    print(f"shared: backbone and pixel decoder {report['extract']:.3f} s")
-    for task in ("semantic", "instance", "panoptic"):
-        parts = ", ".join(f"{k} {v:.3f}" for k, v in report[task].items())
-        print(f"{task:9s} {sum(report[task].values()):7.3f} s  ({parts})")
-
-
-if __name__ == "__main__":
-    main()

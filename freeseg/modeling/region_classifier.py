@@ -27,11 +27,16 @@ Deliberate differences from the official code:
     official code (and the "official" protocol) uses a row of ones. Both leave that query's
     ranking of classes to the mask classifier; ours keeps every row a probability distribution
     (the two differ by the factor K^-w, which is not the same for seen and unseen classes).
-  - crops are encoded in chunks of `chunk` instead of all at once, to bound memory.
+  - crops are encoded in chunks of `chunk` instead of all at once, to bound memory;
+  - a binary mask that occurs more than once (within a task, or across the three tasks when
+    inference.py stacks them) is cropped and encoded once (`shared_masks`): the same crop gives
+    the same features, so the outputs do not change. With `share_iou` < 1 (fast mode) masks that
+    nearly agree share one crop too, an approximation.
 """
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +62,46 @@ def encode_crops(clip_model: nn.Module, crops: torch.Tensor) -> torch.Tensor:
     return F.normalize(clip_model.encode_image(crops).float(), dim=-1)
 
 
+def shared_masks(binary: torch.Tensor, share_iou: float | None = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which binary masks (N, H, W) can share one crop -> (first (U,) long: the index of each
+    group's first mask, in order; inverse (N,) long: each mask's group, so binary[first][inverse]
+    stands for binary). share_iou 1: identical masks only (exact); < 1: a mask joins the first
+    earlier group whose first mask overlaps it with IoU >= share_iou; None: no sharing."""
+    N = binary.shape[0]
+    if share_iou is None or N == 0:
+        return torch.arange(N, device=binary.device), torch.arange(N, device=binary.device)
+    flat = binary.flatten(1)  # (N, H*W)
+    inverse = torch.empty(N, dtype=torch.long)
+    first: list[int] = []
+    if share_iou >= 1:
+        # Identical masks have equal areas: only masks of equal area are compared pixel by pixel
+        # (one pass over the masks for the areas, instead of hashing every mask).
+        groups_of_area: dict[int, list[int]] = {}
+        areas = flat.view(torch.uint8).sum(1, dtype=torch.int32)  # (N,); bool's own sum is slower
+        for n, area in enumerate(areas.tolist()):
+            groups = groups_of_area.setdefault(area, [])
+            match = next((g for g in groups if torch.equal(flat[first[g]], flat[n])), None)
+            if match is None:
+                match = len(first)
+                groups.append(match)
+                first.append(n)
+            inverse[n] = match
+    else:
+        # IoU on every second row and column: a quarter of the work, and an approximation anyway.
+        f = binary[:, ::2, ::2].flatten(1).float()  # (N, H*W / 4); counts below 2^24 are exact
+        inter = f @ f.t()  # (N, N) pixels in common
+        area = inter.diagonal()
+        iou = (inter / (area[:, None] + area[None, :] - inter).clamp_min(1)).cpu().numpy()
+        for n in range(N):
+            match = np.flatnonzero(iou[n, first] >= share_iou)  # groups, in order
+            if len(match):
+                inverse[n] = int(match[0])
+            else:
+                inverse[n] = len(first)
+                first.append(n)
+    return torch.tensor(first, dtype=torch.long, device=binary.device), inverse.to(binary.device)
+
+
 class RegionClassifier(nn.Module):
     """Classify mask proposals with frozen CLIP (paper, section 3.3).
 
@@ -65,6 +110,8 @@ class RegionClassifier(nn.Module):
     `temperature`, or CLIP's own logit scale when None (100 for OpenAI's models).
     Queries whose binarised mask is empty get the row `empty_fill`, or the uniform row 1/K when
     None (the official code: ones).
+    `share_iou`: which masks share one crop (`shared_masks`): 1 identical ones (the default,
+    exact), < 1 also those that nearly agree (fast mode), None none (every crop encoded).
     Extension points: `prepare_masks` (binary masks (n, H, W) bool -> the (n, H, W) bool masks to
     crop; None: the binary masks themselves, as FreeSeg) and `encode` ((clip_model, crops) ->
     (n, E) L2-normalised features; FreeSeg: `encode_crops`).
@@ -73,7 +120,8 @@ class RegionClassifier(nn.Module):
     def __init__(self, clip_model: nn.Module, mask_threshold: float = 0.5, expand_ratio: float = 1.0,
                  chunk: int = 32, temperature: float | None = None, empty_fill: float | None = None,
                  prepare_masks: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 encode: Callable[[nn.Module, torch.Tensor], torch.Tensor] = encode_crops):
+                 encode: Callable[[nn.Module, torch.Tensor], torch.Tensor] = encode_crops,
+                 share_iou: float | None = 1.0):
         super().__init__()
         if chunk < 1:
             raise ValueError(f"RegionClassifier: chunk must be >= 1, got {chunk}")
@@ -85,14 +133,19 @@ class RegionClassifier(nn.Module):
         self.encode = encode
         self.temperature = temperature
         self.empty_fill = empty_fill
+        self.share_iou = share_iou
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     @torch.no_grad()
     def encode_regions(self, image: torch.Tensor, mask_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (features (Q, E) L2-normalised, zero rows for empty masks; valid (Q,) bool)."""
+        """mask_probs (Q, H, W) probabilities, or binary masks -> (features (Q, E) L2-normalised,
+        zero rows for empty masks; valid (Q,) bool)."""
         valid = (mask_probs > self.mask_threshold).flatten(1).any(dim=1)  # (Q,)
         features = image.new_zeros(mask_probs.shape[0], self.clip_model.embed_dim, dtype=torch.float32)
         binary = mask_probs[valid] > self.mask_threshold
+        # Shared masks are found before `prepare_masks`: identical masks prepare identically.
+        first, inverse = shared_masks(binary, self.share_iou)
+        binary, unique = binary[first], image.new_zeros(len(first), self.clip_model.embed_dim, dtype=torch.float32)
         if self.prepare_masks is not None:
             binary = self.prepare_masks(binary)
         size = self.clip_model.input_resolution
@@ -100,8 +153,8 @@ class RegionClassifier(nn.Module):
         for start in range(0, binary.shape[0], self.chunk):
             crops = crop_masked_regions(image, binary[start:start + self.chunk], size, self.expand_ratio, fill)
             crops = normalize_pixels(crops)  # CLIP's normalisation
-            idx = valid.nonzero().flatten()[start:start + self.chunk]
-            features[idx] = self.encode(self.clip_model, crops)  # (n, E)
+            unique[start:start + self.chunk] = self.encode(self.clip_model, crops)  # (n, E)
+        features[valid] = unique[inverse]
         return features, valid
 
     def classify(self, features: torch.Tensor, valid: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
