@@ -296,6 +296,10 @@ def train_alltask(cfg: C.Config, out_dir: Path, resume: bool, init: str | None) 
         # around the deformable attention and runs it in float32 (pixel_decoder.py does the same).
         with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
             outputs = train_model(images, names, task, text_cache[task])  # the same dict in train and eval
+        # Diverged weights predict NaN or inf, which the matcher cannot pair: stop here, as for a
+        # non-finite loss (a sum is finite only if every value is).
+        engine.check_finite(it, {k: outputs[k].detach().float().sum() for k in ("pred_logits", "pred_masks")},
+                            out_dir / "checkpoint.pt", what="the predictions are")
         losses = criterion(outputs, targets)  # unweighted terms, one set per decoder layer
         loss = sum(criterion.weight_dict[k] * v for k, v in losses.items())
         optimizer.zero_grad(set_to_none=True)

@@ -338,10 +338,11 @@ def start_from(out_dir: Path, resume: bool, modules: dict, optimizer, cfg: Confi
     return ckpt["iteration"]
 
 
-def check_finite(it: int, losses: dict[str, torch.Tensor], checkpoint: Path) -> None:
-    """Stop at the first iteration whose loss is not finite, on every rank together (the losses
-    are summed over ranks first), before the weights it produced can be saved. The message
-    names the iteration, the non-finite terms and the last checkpoint, saved before it."""
+def check_finite(it: int, losses: dict[str, torch.Tensor], checkpoint: Path, what: str = "the loss is") -> None:
+    """Stop at the first iteration whose loss (or `what`: the predictions) is not finite, on
+    every rank together (the values are summed over ranks first), before the weights it
+    produced can be saved. The message names the iteration, the non-finite terms and the last
+    checkpoint, saved before it."""
     names = list(losses)
     values = dist.all_reduce_sum(torch.stack([losses[k].detach().float().reshape(()) for k in names]).cpu())
     bad = [f"{k}={v:g}" for k, v in zip(names, values.tolist()) if not math.isfinite(v)]
@@ -349,10 +350,12 @@ def check_finite(it: int, losses: dict[str, torch.Tensor], checkpoint: Path) -> 
         return
     if checkpoint.exists():
         last = f"the last checkpoint, {checkpoint} (iteration {load_checkpoint(checkpoint)['iteration']}), predates it"
+        if what != "the loss is":  # the weights that gave them were made by earlier steps
+            last += ", though its weights may have diverged already"
     else:
         last = f"no checkpoint was saved in {checkpoint.parent}"
     shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
-    raise TrainingDiverged(f"iteration {it + 1}: the loss is not finite ({shown}); training stopped and {last}. "
+    raise TrainingDiverged(f"iteration {it + 1}: {what} not finite ({shown}); training stopped and {last}. "
                            "Try a lower train.lr or check the data")
 
 
