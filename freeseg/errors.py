@@ -68,6 +68,17 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 _handler_pid = -1
 
 
+def _default_sigterm_in_child() -> None:
+    # A process forked from the command (multiprocessing pool, DataLoader worker) dies at once
+    # on SIGTERM, as its parent's terminate() expects. A Python handler would wait for the
+    # interpreter to run it, which a child stuck on a lock inherited through fork never does:
+    # terminate() then waited for it forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
 def debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("FREESEG_DEBUG", "") not in ("", "0")
 
