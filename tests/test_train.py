@@ -61,6 +61,9 @@ train.main(sys.argv[1:])
 STOP_AT = 4
 SIGNALLED_TRAIN = f"""
 import os, signal, sys
+# Ctrl-C as in a terminal: a shell starts background jobs with SIGINT ignored, and Python then
+# leaves it ignored, so a suite run in the background would never see the signal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {str(REPO)!r})
 from freeseg import distributed
 from freeseg.errors import run_cli
