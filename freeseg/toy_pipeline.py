@@ -7,7 +7,6 @@ runner in as `run_stage(cfg, stage, out_dir, resume, init)`, so this module neve
 script; freeseg/ablations.py drives the same functions.
 """
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,12 +65,13 @@ def toy_world_size(root: Path) -> dict[str, int]:
     """The image counts of the toy world already generated under `root` (same generator version,
     seed and size as `prepare_toy`'s defaults), so that a smaller world made on purpose, as the
     CI-sized test makes one, is used as it is; {} (the defaults: 2,000 + 200) otherwise."""
+    from freeseg.data.io import load_json
     from freeseg.data.toy_world import TOY_WORLD_VERSION
 
     params_file = root / "toy" / "annotations" / "toy_world.json"
     if not params_file.is_file():
         return {}
-    params = json.loads(params_file.read_text())
+    params = load_json(str(params_file), "toy world parameters")
     if (params.get("version"), params.get("seed"), params.get("size")) != (TOY_WORLD_VERSION, 0, 96):
         return {}
     return {"num_train": params["num_train"], "num_val": params["num_val"]}
