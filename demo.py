@@ -118,15 +118,15 @@ def vocabulary(raw: list[str], dataset: str) -> tuple[list[str], torch.Tensor, t
 def run_demo(checkpoint: str, image: np.ndarray, raw: list[str], tasks: tuple[str, ...], image_paths: list[Path],
              json_path: Path, fast: bool = False) -> None:
     from freeseg.evaluation.runner import load_model
-    from freeseg.extensions import inference_hooks
+    from freeseg.extensions import predict_hooks
     from freeseg.modeling.inference import predict
 
     model, cfg, _ = load_model(checkpoint)
-    cfg.inference.fast = cfg.inference.fast or fast
+    cfg.fast.enabled = cfg.fast.enabled or fast
     names, unseen, is_thing = vocabulary(raw, cfg.data.dataset)
     with torch.no_grad():
         result = predict(model, torch.from_numpy(image.copy()).permute(2, 0, 1), names, unseen, is_thing,
-                         tasks, cfg.inference, hooks=inference_hooks(cfg.extensions))
+                         tasks, cfg.inference, hooks=predict_hooks(cfg))
     per_task = {t: segments_from_result(t, result[t]) for t in tasks}
     for t, path in zip(tasks, image_paths):
         save_image_atomic(draw(image, per_task[t], names, unseen), path)

@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     p.add_argument("--protocol", default=None, choices=["mask2former", "official"],
                    help="inference and evaluation rules (default: the checkpoint's inference.protocol)")
     p.add_argument("--fast", action="store_true",
-                   help="fast inference (inference.fast): region CLIP only where it can matter, an approximation "
+                   help="fast inference (fast.enabled): region CLIP only where it can matter, an approximation "
                         "(docs/speed.md)")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="inference overrides, e.g. --set inference.ttpt.steps=5 inference.clip_weight_unseen=0.7")
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
                         split=args.split, tasks=args.tasks, ablation=args.ablation, ttpt=args.ttpt,
                         max_images=args.max_images, device=str(device),
                         overrides=args.overrides + ([f"inference.protocol={args.protocol}"] if args.protocol else [])
-                        + (["inference.fast=true"] if args.fast else []))
+                        + (["fast.enabled=true"] if args.fast else []))
     dist.cleanup()
 
 

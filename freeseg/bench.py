@@ -28,12 +28,14 @@ median times, the speed-up and the largest difference of the features.
 infer: `inference.predict` of the full-size model (COCO preset, random weights, ViT-B/16-shaped
 CLIP) on one random 640x480 image with 133 classes, all three tasks, under `--protocol`. Modes
 (`--modes`): "previous" (`straightforward_predict`: task by task, every crop encoded), "exact"
-(predict) and "fast" (predict with `inference.fast`), run interleaved `--repeat` times after the
+(predict) and "fast" (predict in fast mode, freeseg/fast_inference.py), run interleaved `--repeat` times after the
 text features are cached. Prints the median seconds of each stage (`StageTimer`: forward hooks
 and wrappers around inference.py's building blocks; predict carries no timing code), the text
 features' cold time, the crops CLIP encoded, peak memory, images per second, the speed-up over
-"previous", and whether each mode's outputs equal the previous path's. docs/speed.md has the
-numbers and what the modes do.
+"previous", and whether each mode's outputs equal the previous path's; then region CLIP's
+seconds and GFLOP/s per crop against the machine's float32 matrix-product rate (the floor of any
+float32 CLIP pass), and CLIP on 16 crops in float32 and under bfloat16 autocast (fast mode's
+`clip_bfloat16`). docs/speed.md has the numbers and what the modes do.
 """
 
 import argparse
@@ -373,6 +375,8 @@ def bench_infer(device: str, threads: int, repeat: int, protocol: str, modes: li
     """See the module docstring."""
     import copy
 
+    from freeseg.config import FastConfig
+    from freeseg.fast_inference import fast_hooks
     from freeseg.modeling import inference
 
     torch.set_num_threads(threads)
@@ -380,8 +384,8 @@ def bench_infer(device: str, threads: int, repeat: int, protocol: str, modes: li
     model.eval()
     icfg = copy.deepcopy(cfg.inference)
     icfg.protocol = protocol
-    configs = {"previous": icfg, "exact": icfg, "fast": copy.deepcopy(icfg)}
-    configs["fast"].fast = True
+    hooks = {"previous": inference.PAPER, "exact": inference.PAPER,
+             "fast": fast_hooks(FastConfig(enabled=True), inference.PAPER)}
     names = [f"class {i}" for i in range(num_classes)]
     unseen = torch.arange(num_classes) % 9 == 0
     is_thing = torch.arange(num_classes) < 80
@@ -396,7 +400,7 @@ def bench_infer(device: str, threads: int, repeat: int, protocol: str, modes: li
         timer = StageTimer(model, device)
         with timer.attached():
             start = timer._now()
-            out = fn(model, image, names, unseen, is_thing, cfg=configs[mode], text_cache=cache)
+            out = fn(model, image, names, unseen, is_thing, cfg=icfg, text_cache=cache, hooks=hooks[mode])
             total = timer._now() - start
         return out, timer, total
 
@@ -415,6 +419,7 @@ def bench_infer(device: str, threads: int, repeat: int, protocol: str, modes: li
             runs[mode].append((timer, total))
             print(f"  {mode}: {total:.2f} s, {timer.crops_encoded} crops", flush=True)
     print_infer_table(modes, runs, cold, memory, icfg.tasks)
+    print_clip_floor(model.clip_model, modes, runs, device)
     if "previous" in outputs:
         for mode in modes:
             if mode != "previous":
@@ -443,6 +448,59 @@ def print_infer_table(modes: list[str], runs: dict, cold: StageTimer, memory: di
         rows.append(("speed-up vs previous", {m: f"{totals['previous'] / totals[m]:.2f}x" for m in modes}))
     for label, values in rows:
         print(f"{label:<38}" + "".join(f"{values[m]:>11}" for m in modes))
+
+
+def vit_gflop_per_crop(visual) -> float:
+    """Floating-point operations (GFLOP, a multiply-add counts two) of a ViT image tower
+    (clip.model.VisionTransformer) on one crop: per layer the query-key-value and output
+    projections and the 4x MLP (24 T W^2) and attention's two products (4 T^2 W), for T tokens of
+    width W; the patch convolution and the final projection."""
+    tokens, width = visual.positional_embedding.shape
+    layers = len(visual.transformer.resblocks)
+    patch = visual.conv1.kernel_size[0]
+    return (layers * (24 * tokens * width ** 2 + 4 * tokens ** 2 * width)
+            + 2 * (tokens - 1) * 3 * patch ** 2 * width + 2 * width * visual.proj.shape[1]) / 1e9
+
+
+def matmul_gflops(device: str, repeat: int = 5) -> float:
+    """This machine's float32 matrix-product rate (GFLOP/s, median of `repeat`): a 6304 x 768 by
+    768 x 3072 product, the size of ViT-B/16's MLP on 32 crops."""
+    a = torch.randn(6304, 768, device=device)
+    b = torch.randn(768, 3072, device=device)
+    return 2 * 6304 * 768 * 3072 / median_seconds(lambda: a @ b, repeat, device) / 1e9
+
+
+def print_clip_floor(clip_model, modes: list[str], runs: dict, device: str) -> None:
+    """Region CLIP's time per crop and rate against the machine's matrix-product rate: the least
+    time that any float32 implementation needs for a given number of crops; and CLIP's time per
+    crop in float32 and in bfloat16 (fast mode's `clip_bfloat16`)."""
+    from functools import partial
+
+    from freeseg.fast_inference import encode_in_bfloat16
+    from freeseg.modeling.region_classifier import encode_crops
+    gflop, rate = vit_gflop_per_crop(clip_model.visual), matmul_gflops(device)
+    per_crop = {}
+    for m in modes:
+        crops = statistics.median(t.crops_encoded for t, _ in runs[m])
+        if crops:
+            per_crop[m] = statistics.median(t.times.get("region CLIP", 0.0) for t, _ in runs[m]) / crops
+    print(f"{'region CLIP s / crop':<38}" + "".join(f"{per_crop[m]:>11.3f}" if m in per_crop else f"{'-':>11}"
+                                                    for m in modes))
+    print(f"{'region CLIP GFLOP/s':<38}" + "".join(f"{gflop / per_crop[m]:>11.1f}" if m in per_crop else f"{'-':>11}"
+                                                   for m in modes))
+    print(f"CLIP's image tower: {gflop:.1f} GFLOP a crop; float32 matrix product here: {rate:.1f} GFLOP/s "
+          f"(6304x768 @ 768x3072, median of 5), so 100 crops take at least {100 * gflop / rate:.1f} s at "
+          f"that rate (300: {300 * gflop / rate:.1f} s)")
+    crops = torch.randn(16, 3, clip_model.input_resolution, clip_model.input_resolution,
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    seconds, features = {}, {}
+    for name, encode in (("float32", encode_crops), ("bfloat16", partial(encode_in_bfloat16, encode_crops))):
+        with torch.no_grad():
+            seconds[name] = median_seconds(lambda: features.__setitem__(name, encode(clip_model, crops)), 3, device)
+    cosine = float((features["float32"] * features["bfloat16"]).sum(-1).min())
+    print(f"CLIP on 16 crops at once: float32 {seconds['float32'] / 16:.3f} s a crop, bfloat16 autocast "
+          f"(fast.clip_bfloat16) {seconds['bfloat16'] / 16:.3f} s a crop "
+          f"({seconds['float32'] / seconds['bfloat16']:.2f}x; features' cosine to float32's >= {cosine:.4f})")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -479,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     infer.add_argument("--protocol", default="mask2former", choices=["mask2former", "official"],
                        help="inference rules (docs/differences.md)")
     infer.add_argument("--modes", nargs="+", default=list(INFER_MODES), choices=INFER_MODES,
-                       help="previous: task by task, every crop encoded; exact: predict; fast: predict, inference.fast")
+                       help="previous: task by task, every crop encoded; exact: predict; fast: predict in fast mode")
     for sub_parser in (msda, step, prompts, infer):
         sub_parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)

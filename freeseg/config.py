@@ -207,18 +207,6 @@ class InferenceConfig:
     # nearly every query (docs/toy_experiments.md, "Panoptic confidence").
     panoptic_keep_by: str = "object"
     instance_topk: int = 100
-    # Fast mode (`--fast` on evaluate.py and demo.py; docs/speed.md): an approximation that
-    # skips region CLIP where it can hardly change the result. A query CLIP does not see is
-    # named by the mask classifier alone. CLIP sees, per task, only the queries whose object
-    # probability 1 - p(no object) reaches `fast_min_object` (panoptic under "mask2former": also
-    # exceeds `object_mask_threshold`, which drops the others anyway), and for semantic only the
-    # `fast_semantic_queries` most object-like; one crop serves masks, of any task, whose binary
-    # masks overlap with IoU >= `fast_share_iou`. Off: every non-empty mask is encoded, and
-    # only identical binary masks share a crop (exact, the default).
-    fast: bool = False
-    fast_min_object: float = 0.1
-    fast_semantic_queries: int = 20
-    fast_share_iou: float = 0.9
     ttpt: TTPTConfig = field(default_factory=TTPTConfig)
 
 
@@ -309,6 +297,25 @@ class ExtensionsConfig:
 
 
 @dataclass
+class FastConfig:
+    """Fast mode (`--fast` on evaluate.py and demo.py; freeseg/fast_inference.py, docs/speed.md),
+    an approximation of our own, off by default: region CLIP only where it can hardly change the
+    result. A query CLIP does not see is named by the mask classifier alone."""
+
+    enabled: bool = False
+    # CLIP sees, per task, only the queries whose object probability 1 - p(no object) reaches
+    # `min_object`, and for semantic only the `semantic_queries` most object-like of them;
+    min_object: float = 0.1
+    semantic_queries: int = 20
+    # one crop serves every mask, of any task, whose binary mask overlaps the group's first with
+    # IoU >= `share_iou` (exact mode: identical masks only).
+    share_iou: float = 0.9
+    # CLIP's image tower under bfloat16 autocast: about twice as fast on CPUs with native bfloat16
+    # (AVX512-BF16, AMX) and on GPUs, slower on other CPUs, so off unless asked for.
+    clip_bfloat16: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -316,6 +323,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     extensions: ExtensionsConfig = field(default_factory=ExtensionsConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
 
 
 # --------------------------------------------------------------------------- overrides
@@ -375,7 +383,7 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# Fields that moved from a paper section to `extensions`, old dotted key -> new one: a config saved
+# Fields that moved from a paper section to `extensions` or `fast`, old dotted key -> new one: a config saved
 # in a checkpoint with the old layout is read with its values in their new place.
 MOVED_KEYS = {
     "model.decoder.coord_masks": "extensions.coord_masks",
@@ -387,6 +395,11 @@ MOVED_KEYS = {
     "inference.clip_flip": "extensions.clip_flip",
     "inference.clip_task_ensemble": "extensions.clip_task_ensemble",
     "inference.unclaimed_min_area": "extensions.unclaimed_min_area",
+    # fast mode, an option of our own, moved out of the paper's inference section
+    "inference.fast": "fast.enabled",
+    "inference.fast_min_object": "fast.min_object",
+    "inference.fast_semantic_queries": "fast.semantic_queries",
+    "inference.fast_share_iou": "fast.share_iou",
 }
 # The extensions that act only at inference, so may change after training (evaluate.py --set).
 INFERENCE_EXTENSIONS = ("extensions.clip_largest_part", "extensions.clip_erode", "extensions.clip_flip",

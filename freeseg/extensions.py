@@ -310,3 +310,12 @@ def inference_hooks(ext: ExtensionsConfig):
                          if ext.unclaimed_min_area > 0 else None),
         region_text=task_ensemble_text if ext.clip_task_ensemble else None,
     )
+
+
+def predict_hooks(cfg):
+    """Every extension point of `predict` that the Config `cfg` fills: the toy world's inference
+    extensions (`inference_hooks`, cfg.extensions) and fast mode (freeseg/fast_inference.py,
+    cfg.fast). All off: FreeSeg's inference."""
+    from freeseg.fast_inference import fast_hooks
+
+    return fast_hooks(cfg.fast, inference_hooks(cfg.extensions))

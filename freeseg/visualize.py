@@ -106,11 +106,11 @@ def demo_toy(checkpoint: str | Path, out: str | Path, seed: int = 7, fast: bool 
     from freeseg.data.categories import get_categories
     from freeseg.data.transforms import TestResize
     from freeseg.evaluation.runner import load_model
-    from freeseg.extensions import inference_hooks
+    from freeseg.extensions import predict_hooks
     from freeseg.modeling.inference import predict
 
     model, cfg, _ = load_model(checkpoint)
-    cfg.inference.fast = cfg.inference.fast or fast  # --fast: docs/speed.md
+    cfg.fast.enabled = cfg.fast.enabled or fast  # --fast: docs/speed.md
     cats = get_categories("toy")
     names = [c["name"] for c in cats]
     unseen = torch.tensor([not c["seen"] for c in cats])
@@ -122,7 +122,7 @@ def demo_toy(checkpoint: str | Path, out: str | Path, seed: int = 7, fast: bool 
     tasks = ("semantic", "instance", "panoptic")
     with torch.no_grad():
         result = predict(model, pixels, names, unseen, is_thing, tasks, cfg.inference, out_size=image.shape[:2],
-                         hooks=inference_hooks(cfg.extensions))
+                         hooks=predict_hooks(cfg))
     panels = [draw(image, segments_from_result(t, result[t]), names, unseen, scale=3) for t in tasks]
     width = sum(p.width for p in panels)
     sheet = Image.new("RGB", (width, max(p.height for p in panels) + 14), (255, 255, 255))

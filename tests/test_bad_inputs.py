@@ -249,8 +249,12 @@ CASES = [
     ("eval-set-weight", E, ALL + ["--set", "inference.clip_weight_seen=2"], 2,
      "inference.clip_weight_seen=2.0: must be a finite number >= 0 and <= 1"),
     ("eval-set-training-key", E, ALL + ["--set", "train.lr=1"], 2,
-     "evaluation override 'train.lr=1': only inference.*, data.test_short_side, data.num_workers and the inference "
-     "extensions (extensions.clip_*, unclaimed_min_area) can change after training"),
+     "evaluation override 'train.lr=1': only inference.*, fast.*, data.test_short_side, data.num_workers and the "
+     "inference extensions (extensions.clip_*, unclaimed_min_area) can change after training"),
+    ("eval-set-fast-share", E, ALL + ["--set", "fast.share_iou=2"], 2,
+     "fast.share_iou=2.0: must be a finite number >= 0 and <= 1"),
+    ("eval-set-old-fast-key", E, ALL + ["--set", "inference.fast_share_iou=0.8"], 2,
+     "config key 'inference.fast_share_iou' is now 'fast.share_iou'"),
     ("eval-split-missing", E, ALL + ["--split", "nope"], 2, "missing prepared nope split"),
     ("eval-gt-wrong-size", E, ALL + ["--data-root", "data_bad", "--tasks", "semantic"], 2,
      "semantic map is 12x10 (WxH) but its image"),

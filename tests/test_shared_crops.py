@@ -1,4 +1,5 @@
-"""Exact mode shares crops without changing a result; fast mode's CLIP selection.
+"""Exact mode shares crops and skips what cannot matter without changing a result; fast mode's
+CLIP selection.
 
 `predict` sends all tasks' proposals through CLIP at once and encodes each distinct binary mask
 once; `freeseg.bench.straightforward_predict` is the path without sharing (task by task, every
@@ -10,8 +11,9 @@ import torch
 
 from freeseg.bench import straightforward_predict
 from freeseg.clip import default_tokenizer
-from freeseg.config import ExtensionsConfig, InferenceConfig
+from freeseg.config import ExtensionsConfig, FastConfig, InferenceConfig
 from freeseg.extensions import inference_hooks
+from freeseg.fast_inference import fast_hooks
 from freeseg.modeling import inference
 from freeseg.modeling.freeseg import build_freeseg
 from freeseg.modeling.region_classifier import shared_masks
@@ -97,34 +99,93 @@ def test_shared_masks():
     assert first.tolist() == [0, 2] and inverse.tolist() == [0, 0, 1]
 
 
+def panoptic_objectness(model, image, cfg):
+    """The object probabilities 1 - p(no object) (Q,) of the panoptic task's queries."""
+    with torch.no_grad():
+        features = model.extract(image[None].float())
+        decoded = inference.decode_task(model, image.float(), features, "panoptic", NAMES, UNSEEN, cfg, None)
+    return 1 - decoded["probs"][:, -1]
+
+
+@pytest.mark.parametrize("keep_by", ["class", "object"])
+def test_exact_mode_skips_panoptic_queries_that_cannot_be_kept(keep_by):
+    """Under "mask2former" a panoptic query whose object probability does not exceed
+    object_mask_threshold fails the keep test whatever CLIP says, so exact mode does not encode
+    its crop, and the results are still those of every crop encoded."""
+    model = model_with(True)
+    model.logit_scale = 3.0  # softer class logits: object probabilities spread around 0.68, not all ~0
+    image = synthetic_batch()[0][1]
+    objectness = panoptic_objectness(model, image, InferenceConfig())
+    threshold = float(objectness.median())  # half of the queries cannot be kept
+    cfg = InferenceConfig(object_mask_threshold=threshold, panoptic_keep_by=keep_by)
+    exact, exact_crops = count_crops(model, inference.predict, model, image, NAMES, UNSEEN, IS_THING, cfg=cfg)
+    plain, plain_crops = count_crops(model, straightforward_predict, model, image, NAMES, UNSEEN, IS_THING, cfg)
+    assert_same_results(exact, plain)
+    if keep_by == "object":  # (under "class" this random model's "no object" wins every query)
+        assert len(exact["panoptic"][1]) > 0  # some queries were kept, named with CLIP's help
+    skipped = int((objectness <= threshold).sum())
+    assert skipped >= 4 and exact_crops <= plain_crops - skipped
+    # The official rules re-sharpen the ensemble before their keep test: nothing is skipped.
+    official = InferenceConfig(protocol="official", object_mask_threshold=threshold)
+    _, official_crops = count_crops(model, inference.predict, model, image, NAMES, UNSEEN, IS_THING, cfg=official)
+    assert official_crops == plain_crops
+
+
 @pytest.mark.parametrize("protocol", ["mask2former", "official"])
 def test_fast_mode(protocol):
     model = model_with(True)
     image = synthetic_batch()[0][1]
     exact_cfg = InferenceConfig(protocol=protocol)
     exact = inference.predict(model, image, NAMES, UNSEEN, IS_THING, cfg=exact_cfg)
-    # With nothing skipped and only identical masks shared, fast mode is exact mode.
-    everything = InferenceConfig(protocol=protocol, fast=True, fast_min_object=0.0, fast_semantic_queries=8,
-                                 fast_share_iou=1.0, object_mask_threshold=0.0)
-    exact_all = inference.predict(model, image, NAMES, UNSEEN, IS_THING,
-                                  cfg=InferenceConfig(protocol=protocol, object_mask_threshold=0.0))
-    assert_same_results(inference.predict(model, image, NAMES, UNSEEN, IS_THING, cfg=everything), exact_all)
+    # With nothing left out and only identical masks shared, fast mode is exact mode.
+    everything = fast_hooks(FastConfig(enabled=True, min_object=0.0, semantic_queries=8, share_iou=1.0),
+                            inference.PAPER)
+    assert_same_results(inference.predict(model, image, NAMES, UNSEEN, IS_THING, cfg=exact_cfg, hooks=everything),
+                        exact)
     # A query CLIP does not see is named by the mask classifier alone.
-    fast_cfg = InferenceConfig(protocol=protocol, fast=True, fast_min_object=0.0, fast_semantic_queries=3)
+    fast = fast_hooks(FastConfig(enabled=True, min_object=0.0, semantic_queries=3), inference.PAPER)
     with torch.no_grad():
         features = model.extract(image[None].float())
         decoded = {"semantic": inference.decode_task(model, image.float(), features, "semantic", NAMES, UNSEEN,
-                                                     fast_cfg, None)}
-        (_, p_clip), = inference.region_probabilities(model, image.float(), decoded, fast_cfg).values()
+                                                     exact_cfg, None)}
+        (_, p_clip), = inference.region_probabilities(model, image.float(), decoded, exact_cfg, fast).values()
     probs = decoded["semantic"]["probs"]
     top = (1 - probs[:, -1]).topk(3).indices
     others = torch.ones(len(probs), dtype=torch.bool)
     others[top] = False
     torch.testing.assert_close(p_clip[others], probs[others, :-1] / probs[others, :-1].sum(-1, keepdim=True))
-    fast, fast_crops = count_crops(model, inference.predict, model, image, NAMES, UNSEEN, IS_THING, cfg=fast_cfg)
+    fast_out, fast_crops = count_crops(model, inference.predict, model, image, NAMES, UNSEEN, IS_THING,
+                                       cfg=exact_cfg, hooks=fast)
     _, exact_crops = count_crops(model, inference.predict, model, image, NAMES, UNSEEN, IS_THING, cfg=exact_cfg)
     assert fast_crops < exact_crops
-    assert set(fast) == set(exact)
+    assert set(fast_out) == set(exact)
+
+
+def test_fast_mode_comes_from_its_config_section():
+    """`--fast` sets fast.enabled; the toy world's hooks are kept; old checkpoints' inference.fast*
+    keys read into the section."""
+    from freeseg.config import apply_overrides, from_dict, to_dict
+    from freeseg.extensions import predict_hooks
+
+    cfg = get_preset("toy")
+    assert predict_hooks(cfg).select_proposals is None and predict_hooks(cfg).share_iou == 1.0
+    apply_overrides(cfg, ["fast.enabled=true", "fast.share_iou=0.8"])
+    hooks = predict_hooks(cfg)
+    assert hooks.select_proposals is not None and hooks.share_iou == 0.8
+    assert hooks.encode_crops is inference_hooks(cfg.extensions).encode_crops  # the toy world's mirror crops
+    model, image = model_with(True), synthetic_batch()[0][1]
+    crops = torch.randn(4, 3, model.clip_model.input_resolution, model.clip_model.input_resolution)
+    cfg.fast.clip_bfloat16 = True
+    in_bfloat16 = predict_hooks(cfg).encode_crops(model.clip_model, crops)
+    in_float32 = inference_hooks(cfg.extensions).encode_crops(model.clip_model, crops)
+    assert in_bfloat16.dtype == torch.float32 and not torch.equal(in_bfloat16, in_float32)
+    torch.testing.assert_close(in_bfloat16, in_float32, rtol=0, atol=0.05)
+    assert set(inference.predict(model, image, NAMES, UNSEEN, IS_THING, hooks=predict_hooks(cfg))) == \
+        {"semantic", "instance", "panoptic"}
+    old = to_dict(get_preset("toy"))
+    old["inference"].update(fast=True, fast_min_object=0.3, fast_semantic_queries=7, fast_share_iou=0.7)
+    del old["fast"]  # a checkpoint written before the section existed
+    assert from_dict(old).fast == FastConfig(enabled=True, min_object=0.3, semantic_queries=7, share_iou=0.7)
 
 
 def test_stage_timer_measures_predict_from_outside():

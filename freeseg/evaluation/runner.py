@@ -125,7 +125,7 @@ def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: 
     from freeseg.data.categories import ensemble_unseen
     from freeseg.data.datasets import SegmentationDataset, load_meta
     from freeseg.data.transforms import TestResize
-    from freeseg.extensions import inference_hooks
+    from freeseg.extensions import predict_hooks
     from freeseg.modeling.inference import predict
 
     meta = load_meta(prep)
@@ -151,7 +151,7 @@ def evaluate_model(model, cfg: Config, prep: Path, split: str, tasks, variants: 
     if official and "instance" in tasks:  # the official AP is scored against the instances JSON
         for ev in evaluators.values():
             ev["instance"].load_ground_truth(prep / f"instances_{split}.json")
-    hooks = inference_hooks(cfg.extensions)  # the toy world's additions, none for FreeSeg
+    hooks = predict_hooks(cfg)  # the toy world's additions and fast mode; none for FreeSeg
     text_cache = {name: {} for name in variants}  # prompt features per (vocabulary, task), reused across images
     indices = list(range(dist.get_rank(), count, dist.get_world_size()))
     # Workers read and resize the next images while this process runs the model.
@@ -231,13 +231,13 @@ def ablation_variants(base: InferenceConfig, ablation: bool, ttpt: bool) -> dict
 
 def apply_inference_overrides(cfg: Config, overrides: list[str] | None) -> None:
     """Apply `--set KEY=VALUE` items to a trained model's config: only the settings that may
-    change after training (inference.*, data.test_short_side, the extensions that act only at
+    change after training (inference.*, fast.*, data.test_short_side, the extensions that act only at
     inference, config.INFERENCE_EXTENSIONS), and data.num_workers, the image loader's worker processes."""
-    allowed = ("inference.", "data.test_short_side", "data.num_workers", *INFERENCE_EXTENSIONS)
+    allowed = ("inference.", "fast.", "data.test_short_side", "data.num_workers", *INFERENCE_EXTENSIONS)
     for item in overrides or []:
         if not item.startswith(allowed):
-            raise ConfigError(f"evaluation override {item!r}: only inference.*, data.test_short_side, data.num_workers "
-                              "and the inference extensions (extensions.clip_*, unclaimed_min_area) can change after training")
+            raise ConfigError(f"evaluation override {item!r}: only inference.*, fast.*, data.test_short_side, "
+                              "data.num_workers and the inference extensions (extensions.clip_*, unclaimed_min_area) can change after training")
     apply_overrides(cfg, list(overrides or []))
     validate(cfg, prefixes=allowed)
 

@@ -31,17 +31,18 @@ Deliberate differences from the official code (both protocols):
   - one loop over tasks instead of three copied blocks; the image is encoded once, not three
     times, and text features are computed once per (class list, task) and may be cached across
     images (`text_cache`), where the official code re-runs CLIP's text tower for every call;
-  - all tasks' crops go through CLIP together and a binary mask that occurs twice is encoded
-    once: the same outputs, less work (docs/speed.md);
-  - fast mode (`InferenceConfig.fast`, off by default), an approximation of our own: CLIP only
-    for the proposals that can matter (`fast_queries`), crops shared by masks that nearly agree.
+  - all tasks' crops go through CLIP together, a binary mask that occurs twice is encoded once,
+    and a proposal whose CLIP row cannot change the result is not encoded (`clip_needed`): the
+    same outputs, less work (docs/speed.md);
   - under "mask2former", panoptic post-processing follows Mask2Former's rule, which needs a "no
     object" probability per query: we append the mask classifier's own no-object probability to
     the ensembled class probabilities. The official FreeSeg code drops that column and instead
     re-sharpens the ensembled scores with softmax(p / 0.01) (postprocess_official.py).
 Extension points (`Hooks`; FreeSeg has none, and the defaults are its inference): what the region
-classifier crops and how it encodes the crops, extra proposals for CLIP alone to name, and the
-text CLIP names the regions against. freeseg/extensions.py fills them for the toy world.
+classifier crops and how it encodes the crops, extra proposals for CLIP alone to name, the text
+CLIP names the regions against, and which proposals CLIP sees and which masks share a crop.
+freeseg/extensions.py fills the first four for the toy world, freeseg/fast_inference.py the last
+two for fast mode.
 Axis legend: Q queries, K classes, E embedding dim, H W spatial, R CLIP's input size.
 """
 
@@ -70,13 +71,18 @@ class Hooks:
     encode_crops(clip_model, crops (n, 3, R, R)) -> (n, E): CLIP's L2-normalised crop features;
     extra_proposals(masks (Q, H, W), objectness (Q,)) -> (n, H, W): more masks, named by CLIP alone;
     region_text(text_of, task, text (K, E)) -> (K, E): what CLIP names the regions against, from
-        the task prompt's features `text` and `text_of(other_task)`, the other prompts' features.
+        the task prompt's features `text` and `text_of(other_task)`, the other prompts' features;
+    select_proposals(task, probs (Q, K + 1), rows) -> (rows,) bool: which of the proposals that
+        `clip_needed` leaves CLIP sees (None: all); the others are named by the mask classifier;
+    share_iou: which masks share one crop (`region_classifier.shared_masks`): 1, identical ones.
     """
 
     prepare_masks: Callable | None = None
     encode_crops: Callable = encode_crops
     extra_proposals: Callable | None = None
     region_text: Callable | None = None
+    select_proposals: Callable | None = None
+    share_iou: float = 1.0
 
 
 PAPER = Hooks()
@@ -169,22 +175,17 @@ def classify_with_clip(model: FreeSeg, image: torch.Tensor, masks: torch.Tensor,
     return masks, p_clip, ensemble_with_clip(probs, p_clip, unseen, cfg)
 
 
-def fast_queries(task: str, probs: torch.Tensor, rows: int, cfg: InferenceConfig) -> torch.Tensor:
-    """Fast mode: which of the `rows` proposals (Q queries, then extra proposals) CLIP sees.
-    probs (Q, K + 1) -> (rows,) bool. A query is seen when its object probability 1 - p(no
-    object) reaches `cfg.fast_min_object`; for semantic, only the `cfg.fast_semantic_queries`
-    most object-like of those; for panoptic under "mask2former", only those whose object
-    probability exceeds `object_mask_threshold` (the ensemble is rescaled to that probability,
-    so no other query can pass the panoptic keep test, whichever `panoptic_keep_by`). An
-    extra proposal has no mask classifier to fall back on: always seen."""
-    objectness = 1 - probs[:, -1]  # (Q,)
-    wanted = objectness >= cfg.fast_min_object
-    if task == "semantic":
-        top = objectness.topk(min(cfg.fast_semantic_queries, len(objectness))).indices
-        wanted &= torch.zeros_like(wanted).index_fill_(0, top, True)
-    elif task == "panoptic" and cfg.protocol == "mask2former":
-        wanted &= objectness > cfg.object_mask_threshold
-    return torch.cat([wanted, wanted.new_ones(rows - len(wanted))])
+def clip_needed(task: str, probs: torch.Tensor, rows: int, cfg: InferenceConfig) -> torch.Tensor:
+    """Which of a task's `rows` proposals (Q queries, then extra proposals) can have their result
+    changed by CLIP: probs (Q, K + 1) -> (rows,) bool. All of them, except for panoptic under
+    "mask2former": a query whose object probability 1 - p(no object) does not exceed
+    `object_mask_threshold` fails the keep test whatever CLIP says (the ensemble is rescaled to
+    that probability, so no class score exceeds it either, and `panoptic_keep_by="object"` tests
+    it alone), so its crop is not encoded. Exact: tests/test_shared_crops.py."""
+    wanted = torch.ones(rows, dtype=torch.bool, device=probs.device)
+    if task == "panoptic" and cfg.protocol == "mask2former":
+        wanted[:len(probs)] = 1 - probs[:, -1] > cfg.object_mask_threshold
+    return wanted
 
 
 def region_probabilities(model: FreeSeg, image: torch.Tensor, decoded: dict[str, dict],
@@ -195,15 +196,18 @@ def region_probabilities(model: FreeSeg, image: torch.Tensor, decoded: dict[str,
     The proposals of all tasks are stacked and go through CLIP together, in batches of
     `cfg.clip_chunk`; a binary mask that occurs more than once (the three tasks' decoders
     often agree) is cropped and encoded once, and each task names the features against its
-    own text. So p_clip is what `classify_with_clip` gives task by task. In fast mode
-    (`cfg.fast`) CLIP sees only the proposals of `fast_queries`, masks that nearly agree share a
-    crop, and a query CLIP does not see gets the mask classifier's class distribution as its
-    CLIP row: the ensemble then names it as the mask classifier does.
+    own text. CLIP sees only the proposals of `clip_needed` (and of `hooks.select_proposals`,
+    fast mode); a query it does not see gets the mask classifier's class distribution as its
+    CLIP row, so the ensemble names it as the mask classifier does. Without
+    `hooks.select_proposals` the task results are those of `classify_with_clip` task by task.
     """
-    regions = region_classifier(model, cfg, cfg.fast_share_iou if cfg.fast else 1.0, hooks)
+    regions = region_classifier(model, cfg, hooks.share_iou, hooks)
     masks = {task: proposals(d["masks"], d["probs"], hooks) for task, d in decoded.items()}
-    wanted = {task: fast_queries(task, decoded[task]["probs"], len(m), cfg) if cfg.fast
-              else torch.ones(len(m), dtype=torch.bool, device=m.device) for task, m in masks.items()}
+    wanted = {}
+    for task, m in masks.items():
+        wanted[task] = clip_needed(task, decoded[task]["probs"], len(m), cfg)
+        if hooks.select_proposals is not None:
+            wanted[task] &= hooks.select_proposals(task, decoded[task]["probs"], len(m))
     binary = torch.cat([(m > cfg.mask_threshold)[wanted[task]] for task, m in masks.items()])  # (sum of rows, H, W)
     features, valid = regions.encode_regions(image, binary)
     out, start = {}, 0
@@ -215,7 +219,7 @@ def region_probabilities(model: FreeSeg, image: torch.Tensor, decoded: dict[str,
         task_features[rows], task_valid[rows] = features[start:start + n], valid[start:start + n]
         start += n
         p_clip = regions.classify(task_features, task_valid, decoded[task]["clip_text"])  # (Q + n, K)
-        if cfg.fast:
+        if not rows.all():
             probs = decoded[task]["probs"][:, :-1]
             mask_classifier = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)  # (Q, K)
             p_clip[:len(probs)] = torch.where(rows[:len(probs), None], p_clip[:len(probs)], mask_classifier)
