@@ -375,10 +375,12 @@ def bench_infer(device: str, threads: int, repeat: int, protocol: str, modes: li
     """See the module docstring."""
     import copy
 
+    from freeseg import engine
     from freeseg.config import FastConfig
     from freeseg.fast_inference import fast_hooks
     from freeseg.modeling import inference
 
+    engine.keep_freed_memory()  # as evaluate.py runs inference
     torch.set_num_threads(threads)
     cfg, model = inference.full_size_model(0, device)
     model.eval()
