@@ -123,6 +123,32 @@ def test_readme_python_example_runs(toy_run):
     assert set(out) == {"semantic", "instance"}
 
 
+def test_fast_flag_runs_fast_mode_in_evaluate_and_demo(toy_run, tmp_path, monkeypatch):
+    """`--fast` on evaluate.py and demo.py reaches predict as fast mode's hooks (fewer crops
+    through CLIP than exact mode), and both commands still write their outputs."""
+    import demo
+    import evaluate
+    from freeseg.modeling import inference
+
+    seen = []
+    exact = inference.region_probabilities
+
+    def recording(model, image, decoded, cfg, hooks=inference.PAPER):
+        seen.append(hooks.select_proposals is not None and hooks.share_iou < 1)
+        return exact(model, image, decoded, cfg, hooks)
+
+    monkeypatch.setattr(inference, "region_probabilities", recording)
+    checkpoint = str(toy_run / "alltask" / "checkpoint.pt")
+    evaluate.main(["--checkpoint", checkpoint, "--data-root", str(toy_run.parent / "data"), "--max-images", "3",
+                   "--fast", "--out", str(tmp_path / "fast.json")])
+    assert seen and all(seen) and set(json.loads((tmp_path / "fast.json").read_text())) == \
+        {"semantic", "panoptic", "instance"}
+    seen.clear()
+    demo.main(["--checkpoint", checkpoint, "--image", str(_val_image(toy_run)), "--classes",
+               "red circle, +blue star, grass", "--fast", "--out", str(tmp_path / "d.png")])
+    assert seen == [True] and (tmp_path / "d_panoptic.png").stat().st_size > 0
+
+
 def test_diagnosis_counts_every_segment_and_separates_proposals_from_naming(toy_run, capsys):
     from freeseg.data.datasets import SegmentationDataset
     from freeseg.evaluation import diagnose
