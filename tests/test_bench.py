@@ -3,7 +3,7 @@
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from freeseg.bench import vit_gflop_per_crop
+from freeseg.bench_infer import vit_gflop_per_crop
 from freeseg.clip import CLIP
 
 

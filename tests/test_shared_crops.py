@@ -2,14 +2,14 @@
 CLIP selection.
 
 `predict` sends all tasks' proposals through CLIP at once and encodes each distinct binary mask
-once; `freeseg.bench.straightforward_predict` is the path without sharing (task by task, every
+once; `freeseg.bench_infer.straightforward_predict` is the path without sharing (task by task, every
 crop encoded). Their outputs must agree for every task under both protocols.
 """
 
 import pytest
 import torch
 
-from freeseg.bench import straightforward_predict
+from freeseg.bench_infer import straightforward_predict
 from freeseg.clip import default_tokenizer
 from freeseg.config import ExtensionsConfig, FastConfig, InferenceConfig
 from freeseg.extensions import inference_hooks
@@ -191,7 +191,7 @@ def test_fast_mode_comes_from_its_config_section():
 def test_stage_timer_measures_predict_from_outside():
     """The benchmark's timer: every stage of one predict call, CLIP's images counted, and the
     model and inference.py as they were once it is detached."""
-    from freeseg.bench import StageTimer
+    from freeseg.bench_infer import StageTimer
     from freeseg.modeling import region_classifier
 
     model = model_with(True)
